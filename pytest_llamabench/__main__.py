@@ -1,0 +1,88 @@
+"""``python -m pytest_llamabench COMMAND``: the project's commands outside pytest.
+
+build-server   build the pinned llama.cpp (cpu or cuda) into the user cache
+which-server   print the llama-server that a run would use, and why
+compare        compare two JSON reports (regression gate for CI)
+synth-model    write a GGUF with a real model's shapes and random weights
+docker-image   build the local llama-server image used by container configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .compare import register as register_compare
+from .errors import LlamabenchError
+from .image import register as _register_docker_image
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _build_server(args: argparse.Namespace) -> int:
+    from .build import BuildSpec, build
+
+    spec = BuildSpec(backend=args.backend, cuda_architectures=args.cuda_arch)
+    bin_dir = build(spec, sdist=args.sdist, jobs=args.jobs, force=args.force, log=_log)
+    print(bin_dir / "llama-server")
+    return 0
+
+
+def _which_server(args: argparse.Namespace) -> int:
+    import os
+
+    from .build import BuildSpec, resolve_server_bin, server_version
+
+    path, where = resolve_server_bin(
+        [(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")],
+        spec=BuildSpec(backend=args.backend),
+        build_if_missing=False,
+        log=_log,
+    )
+    print(f"{path}  (from {where})\n{server_version(path)}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"[llamabench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_llamabench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-server", help="build the pinned llama.cpp into the user cache")
+    p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 (default: the GPU's)")
+    p.add_argument("--sdist", type=Path, help="a llama-cpp-python sdist already downloaded (offline builds)")
+    p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.set_defaults(func=_build_server)
+
+    p = sub.add_parser("which-server", help="print the llama-server a run would use")
+    p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(func=_which_server)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except LlamabenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+#: Subcommands contributed by other modules: each gets the subparsers object.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_docker_image]  # type: ignore[type-arg]
+_EXTRA_COMMANDS.append(register_compare)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""A small httpx client for llama-server: health, props, tokenize, streamed generation.
+
+Streaming requests record the client-side arrival time of every token event,
+so time to first token and inter-token latency are measured by the client,
+while generation speed also comes from the server's own ``timings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from .errors import RequestFailed
+
+
+@dataclasses.dataclass
+class StreamResult:
+    """One streamed generation, as the client saw it."""
+
+    sent_at: float
+    token_times: list[float]  # perf_counter() at each event carrying tokens
+    client_tokens: int  # tokens counted from the stream
+    finished_at: float
+    final: dict[str, Any]  # the last event: timings, usage, ...
+    text: str
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        timings = self.final.get("timings")
+        if not isinstance(timings, dict):
+            raise RequestFailed(f"the server's final stream event has no timings: {_short(self.final)}")
+        return timings
+
+
+class LlamaClient:
+    """Talks to one llama-server. ``api_key`` is sent, never logged."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health_status(self) -> int:
+        """HTTP status of /health (200 ready, 503 loading); raises httpx errors."""
+        return self._http.get("/health", timeout=5.0).status_code
+
+    def props(self) -> dict[str, Any]:
+        return self._json("GET", "/props")
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens = self._json("POST", "/tokenize", json={"content": text, "add_special": False})["tokens"]
+        return [int(t) for t in tokens]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self._json("POST", "/detokenize", json={"tokens": tokens})["content"])
+
+    def completion(self, prompt: str | list[int], **params: Any) -> dict[str, Any]:
+        """A non-streamed /completion, for users' own tests."""
+        return self._json("POST", "/completion", json={"prompt": prompt, **params})
+
+    def stream_completion(self, payload: Mapping[str, Any]) -> StreamResult:
+        """POST /completion with stream=true; tokens counted from ``tokens`` arrays."""
+        return self._stream("/completion", {**payload, "stream": True, "return_tokens": True}, _completion_tokens)
+
+    def stream_chat(self, payload: Mapping[str, Any]) -> StreamResult:
+        """POST /v1/chat/completions with stream=true; one token per content delta."""
+        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        return self._stream("/v1/chat/completions", body, _chat_tokens)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise RequestFailed(f"{method} {self.base_url}{path} failed: {exc!r}") from exc
+        if response.status_code != 200:
+            raise RequestFailed(f"{method} {path} answered {response.status_code}: {response.text[:300]}")
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise RequestFailed(f"{method} {path} returned malformed JSON: {response.text[:300]!r}") from exc
+        if not isinstance(data, dict):
+            raise RequestFailed(f"{method} {path} returned {type(data).__name__}, expected an object")
+        return data
+
+    def _stream(self, path: str, body: Mapping[str, Any], count: Any) -> StreamResult:
+        token_times: list[float] = []
+        client_tokens = 0
+        text: list[str] = []
+        final: dict[str, Any] = {}
+        sent_at = time.perf_counter()
+        try:
+            with self._http.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")
+                for event in _sse_events(response.iter_lines(), path):
+                    now = time.perf_counter()
+                    n, piece = count(event)
+                    if n:
+                        token_times.append(now)
+                        client_tokens += n
+                        text.append(piece)
+                    if "timings" in event or event.get("stop") is True:
+                        final = {**final, **event}
+        except httpx.HTTPError as exc:
+            raise RequestFailed(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
+        if not final:
+            raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
+        return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))
+
+
+def _sse_events(lines: Iterator[str], path: str) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: ") :]
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            raise RequestFailed(f"POST {path}: malformed stream event {data[:200]!r}") from exc
+        if not isinstance(event, dict):
+            raise RequestFailed(f"POST {path}: stream event is not an object: {data[:200]!r}")
+        if "error" in event:
+            raise RequestFailed(f"POST {path}: server error in stream: {_short(event['error'])}")
+        yield event
+
+
+def _completion_tokens(event: dict[str, Any]) -> tuple[int, str]:
+    tokens = event.get("tokens") or []
+    return len(tokens), str(event.get("content", ""))
+
+
+def _chat_tokens(event: dict[str, Any]) -> tuple[int, str]:
+    choices = event.get("choices") or []
+    content = (choices[0].get("delta") or {}).get("content") if choices else None
+    return (1, content) if content else (0, "")
+
+
+def _short(value: object) -> str:
+    return json.dumps(value)[:300]

@@ -1,0 +1,303 @@
+"""Start and stop one llama-server for one config: as a local process or (container.py) in Docker.
+
+Plain, pytest-free: ``with LocalServer(config, binary=...) as server: ...``.
+
+A launch is: verify the model file, resolve the context size, start the server
+on 127.0.0.1 with a free port, wait until it is ready (one deadline; an early
+exit raises at once, classified from its log), and always stop it again.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .classify import classify_failure
+from .client import LlamaClient
+from .config import HostMemoryContext, ServerConfig
+from .errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
+from .modelfile import ModelInfo, ctx_for_host_memory, verify_model
+
+#: Environment variables llama-server reads as defaults; stripped unless the config sets them.
+_STRIPPED_ENV = re.compile(r"^(LLAMA_ARG_\w+|LLAMA_SERVER_DEBUG_FAKE_TIMING|LLAMA_API_KEY)$")
+_LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+_LIVE: weakref.WeakSet[Server] = weakref.WeakSet()
+
+
+def server_environment(config_env: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    """The parent's environment without llama-server's own defaults, plus the config's."""
+    env = {k: v for k, v in os.environ.items() if not _STRIPPED_ENV.match(k)}
+    env.update(config_env)
+    if api_key:
+        env["LLAMA_API_KEY"] = api_key  # never on argv: argv goes into reports
+    return env
+
+
+class Server(abc.ABC):
+    """One running llama-server. Subclasses say how to start, watch and stop it."""
+
+    launcher = "abstract"
+    host = "127.0.0.1"
+
+    def __init__(self, config: ServerConfig, *, log_dir: Path, api_key: str | None = None) -> None:
+        self.config = config
+        self.log_path = log_dir / f"{config.name}.log"
+        self.api_key = api_key
+        self.model_info: ModelInfo | None = None
+        self.args: list[str] = []
+        self.base_url: str | None = None
+        self.props: dict[str, Any] = {}
+        self.load_seconds: float | None = None
+        self._client: LlamaClient | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Launch and wait until /health is 200. Raises a classified ServerStartError."""
+        config = self.config
+        model_path = config.model.resolve()
+        self.model_info = verify_model(
+            model_path, sha256=config.model.sha256, size=config.model.size, where=f"{config.source} (model)"
+        )
+        self.args = config.server_args(ctx=self._resolve_ctx(self.model_info))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        _LIVE.add(self)
+        try:
+            self._launch(model_path)
+            self._wait_ready(started + config.ready_timeout_s)
+            self.load_seconds = time.monotonic() - started
+            self.props = self.client.props()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server; safe to call twice and from atexit."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._terminate()
+        _LIVE.discard(self)
+
+    # -- what tests and measurements use --------------------------------------------
+
+    @property
+    def client(self) -> LlamaClient:
+        if self._client is None:
+            if self.base_url is None:
+                raise ServerStartError(f"{self.config.name}: the server is not started")
+            self._client = LlamaClient(self.base_url, api_key=self.api_key)
+        return self._client
+
+    @property
+    def build_info(self) -> str | None:
+        value = self.props.get("build_info")
+        return str(value) if value else None
+
+    def ensure_alive(self) -> None:
+        """Raise ServerDied (classified from the log) if the server has gone away."""
+        if not self._alive():
+            cause = self._exit_error()
+            raise ServerDied(
+                f"{self.config.name}: llama-server died during the workload: {cause.message}",
+                log_tail=cause.log_tail,
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def describe(self) -> dict[str, Any]:
+        """Builtin-typed facts for reports: args actually used, build, launcher."""
+        threads = self.config.server.get("threads")
+        return {
+            "launcher": self.launcher,
+            "args": list(self.args),
+            "build_info": self.build_info,
+            "threads": threads,
+            "load_s": self.load_seconds,
+            "log": str(self.log_path),
+        }
+
+    @abc.abstractmethod
+    def pids(self) -> set[int]:
+        """Host PIDs of the server's processes (for NVML per-process memory)."""
+
+    @abc.abstractmethod
+    def peak_rss_mib(self) -> float | None:
+        """Peak resident memory of the server so far, if known."""
+
+    # -- subclass hooks ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _launch(self, model_path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def _alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    def _exit_error(self) -> ServerStartError:
+        """Why the server is not running (classified from its log and status)."""
+
+    @abc.abstractmethod
+    def _terminate(self) -> None: ...
+
+    def _discover_url(self) -> str | None:
+        """The base URL once known (local servers read it from their log)."""
+        return self.base_url
+
+    # -- shared logic -------------------------------------------------------------
+
+    def _resolve_ctx(self, info: ModelInfo) -> int | None:
+        ctx = self.config.server.get("ctx")
+        if isinstance(ctx, HostMemoryContext):
+            return ctx_for_host_memory(
+                info,
+                ctx.factor,
+                str(self.config.server.get("cache_type_k", "f16")),
+                str(self.config.server.get("cache_type_v", "f16")),
+            )
+        return None
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Poll: exited? -> classified error; URL known and /health 200 -> ready."""
+        last_status = "no answer yet"
+        while True:
+            if not self._alive():
+                raise self._exit_error()
+            url = self._discover_url()
+            if url is not None:
+                self.base_url = url
+                try:
+                    status = self.client.health_status()
+                    if status == 200:
+                        return
+                    last_status = f"/health answered {status}"
+                except httpx.HTTPError as exc:
+                    last_status = f"/health: {type(exc).__name__}"
+            if time.monotonic() > deadline:
+                raise ServerNotReady(
+                    f"{self.config.name}: llama-server was not ready within {self.config.ready_timeout_s:g} s "
+                    f"({last_status}); raise ready_timeout_s in {self.config.source} if loading is slow",
+                    log_tail=self.log_tail(),
+                )
+            time.sleep(0.05)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a killed pytest worker takes the server along
+
+
+class LocalServer(Server):
+    """llama-server as a child process in its own process group."""
+
+    launcher = "process"
+
+    def __init__(self, config: ServerConfig, *, binary: Path, log_dir: Path, api_key: str | None = None) -> None:
+        super().__init__(config, log_dir=log_dir, api_key=api_key)
+        self.binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, model_path: Path) -> None:
+        argv = [str(self.binary), "--model", str(model_path), "--host", self.host, "--port", "0", *self.args]
+        with self.log_path.open("wb") as log:
+            log.write(f"# {' '.join(argv)}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(self.config.env, self.api_key),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    def _discover_url(self) -> str | None:
+        if self.base_url is None:
+            with contextlib.suppress(OSError):
+                if m := _LISTENING.search(self.log_path.read_text(errors="replace")):
+                    return f"http://{m.group(1)}:{m.group(2)}"
+        return self.base_url
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _exit_error(self) -> ServerStartError:
+        code = self._proc.poll() if self._proc else None
+        return classify_failure(self.log_path.read_text(errors="replace"), code)
+
+    def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        else:  # reap; also kill anything left in its group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self._last_returncode = proc.returncode
+        self._last_pid = proc.pid
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else getattr(self, "_last_returncode", None)
+
+    def pids(self) -> set[int]:
+        return {self._proc.pid} if self._proc and self._proc.poll() is None else set()
+
+    def peak_rss_mib(self) -> float | None:
+        if self._proc is None:
+            return None
+        try:
+            with open(f"/proc/{self._proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Last line of defence: whatever exits the interpreter, no server outlives it."""
+    for server in list(_LIVE):
+        with contextlib.suppress(LlamabenchError, OSError):
+            server.stop()

