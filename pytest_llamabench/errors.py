@@ -17,6 +17,7 @@ class LlamabenchError(Exception):
         super().__init__(message)
         self.message = message
         self.log_tail = log_tail
+        self.context: dict[str, object] = {}  # builtin-typed facts for reports (server args, model)
 
     def __str__(self) -> str:
         return self.message

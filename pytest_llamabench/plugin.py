@@ -174,7 +174,7 @@ def _fill_benchmark_extra_info(request: pytest.FixtureRequest, entry: dict[str, 
 # -- reports -------------------------------------------------------------------
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: sees xfail's verdict
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
     callspec = getattr(item, "callspec", None)
@@ -187,8 +187,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.excinfo is not None and isinstance(call.excinfo.value, LlamabenchError):
         exc = call.excinfo.value
         base["failure"] = _failure(exc)
+        base.update(exc.context)
         if exc.log_tail:
             report.sections.append((f"llama-server log ({config.name})", exc.log_tail))
+        if hasattr(report, "wasxfail"):
+            report.wasxfail = f"{report.wasxfail}: {exc.summary}"
+        elif report.failed:  # one clear line instead of a traceback through the plugin
+            report.longrepr = f"{exc.kind}: {exc.message}"
     elif report.failed:
         tail = item.config.stash[SESSION].log_tail(config.name)
         if tail:

@@ -92,24 +92,24 @@ class Report:
         }
         self._by_test: dict[str, dict[str, Any]] = {}
 
-    def update(self, test: str, phase: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge what one report phase says about ``test``; the worst outcome wins."""
-        entry = self._by_test.get(test)
-        if entry is None:
-            entry = {"test": test, "config": None, "workload": None, "outcome": "passed", "reason": None,
-                     "failure": None, "metrics": {}}  # fmt: skip
-            self._by_test[test] = entry
-            self.data["results"].append(entry)
+    def update(self, test: str, phase: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge what one report phase says about ``test``; the worst outcome wins.
+
+        A test enters ``results`` with its first outcome (a passed setup has none yet),
+        so an interrupted test never shows up as passed.
+        """
+        entry = self._by_test.setdefault(test, {"test": test, "config": None, "workload": None, "outcome": None,
+                                                "reason": None, "failure": None, "metrics": {}})  # fmt: skip
         for key, value in phase.items():
-            if key in ("outcome", "reason"):
-                continue
-            if value is not None:
+            if key not in ("outcome", "reason") and value is not None:
                 entry[key] = value
         outcome = phase.get("outcome")
-        if outcome and _rank(outcome) > _rank(entry["outcome"]):
+        if outcome and (entry["outcome"] is None or _rank(outcome) > _rank(entry["outcome"])):
+            if entry["outcome"] is None:
+                self.data["results"].append(entry)
             entry["outcome"], entry["reason"] = outcome, phase.get("reason")
         self._refresh_fingerprint()
-        return entry
+        return entry if entry["outcome"] else None
 
     def _refresh_fingerprint(self) -> None:
         builds = sorted({r["server"]["build_info"] for r in self.data["results"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from .build import BuildSpec, resolve_server_bin, server_version
 from .config import ServerConfig, Thresholds, Workload
-from .errors import ThresholdNotMet
+from .errors import LlamabenchError, ThresholdNotMet
 from .launcher import LocalServer, Server
 from .workload import Measurement, Runner, run_workload
 
@@ -103,7 +103,12 @@ class Bench:
                 from .gpu import VramSampler
 
                 vram = stack.enter_context(VramSampler(server.pids))
-            server.start()
+            try:
+                server.start()
+            except LlamabenchError as exc:  # the report shows what was attempted
+                exc.context["server"] = server.describe()
+                exc.context["model"] = server.model_info.as_dict() if server.model_info else None
+                raise
             stack.callback(server.stop)
             yield RunningServer(server, vram, ballast)
 

@@ -222,7 +222,7 @@ class Session:
                 fh.write(text + "\n")
 
     def summary_sections(self) -> list[tuple[str, str]]:
-        if self.is_worker or self.report is None:
+        if self.is_worker or self.report is None or not self.report.results:
             return []
         sections = []
         table = self._table(markdown=False)
