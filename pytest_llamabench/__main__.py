@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .compare import register as register_compare
+from .compare import register as _register_compare
 from .errors import LlamabenchError
 from .image import register as _register_docker_image
+from .synth import register as _register_synth_model
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -81,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: Subcommands contributed by other modules: each gets the subparsers object.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_docker_image]  # type: ignore[type-arg]
-_EXTRA_COMMANDS.append(register_compare)
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+    _register_compare,
+    _register_synth_model,
+    _register_docker_image,
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -150,6 +150,7 @@ def build(
         log(f"llama.cpp {spec.key}: built in {time.monotonic() - started:.0f} s -> {spec.bin_dir}")
     finally:
         shutil.rmtree(work / "src", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # logs are kept only when the build failed
     return spec.bin_dir
 
 

@@ -15,6 +15,7 @@ Every error names the file and the dotted key and says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import os
 import re
@@ -232,7 +233,7 @@ class _Table:
         allowed = list(allowed)
         for key in self.data:
             if key not in allowed:
-                close = [a for a in allowed if a.replace("_", "") == key.replace("_", "").replace("-", "")]
+                close = difflib.get_close_matches(key.replace("-", "_"), allowed, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
                     f"{self.at(key)}: unknown key; {hint}allowed keys: {', '.join(allowed)}"

@@ -12,7 +12,9 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -120,46 +122,95 @@ def verify_model(
     return dataclasses.replace(info, sha256=digest)
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Cursor:
+    """Reads GGUF's little-endian fields from a memory map; arrays are skipped, not parsed."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if item_type in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[item_type])
+            else:
+                for _ in range(count):
+                    self.value(item_type)
+            return None  # arrays (vocab, merges) are not needed here
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
 def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
-    from gguf import GGUFReader  # numpy-backed; imported only when a model is verified
+    """Header, metadata and tensor infos; checks that every tensor's data is inside the file."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises plain ValueError/IndexError on bad data
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf)
+            cur.pos = 8
+            n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                meta[key] = cur.value(cur.scalar("<I"))
+            end = 0
+            tensor_infos = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+                qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+                tensor_infos.append((name, offset + math.prod(dims) // block * type_size))
+            alignment = int(meta.get("general.alignment") or 32)
+            data_start = -(-cur.pos // alignment) * alignment
+            end = max((data_start + stop for _, stop in tensor_infos), default=data_start)
+    except (ValueError, struct.error, KeyError, OverflowError) as exc:
         raise ModelLoadError(
             f"{where}: {path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
             "it is truncated or corrupt: download it again"
         ) from None
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > actual_size:
         raise ModelLoadError(
             f"{where}: {path} is truncated: tensor data ends at byte {end}, the file has {actual_size}; "
             "download it again"
         )
-
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.get_field(key)
-        if f is None:
-            return default
-        return f.contents()
-
-    arch = str(field("general.architecture", "unknown"))
-    n_head = int(field(f"{arch}.attention.head_count", 0) or 0)
-    n_embd = int(field(f"{arch}.embedding_length", 0) or 0)
+    arch = str(meta.get("general.architecture", "unknown"))
+    n_head = int(meta.get(f"{arch}.attention.head_count") or 0)
+    n_embd = int(meta.get(f"{arch}.embedding_length") or 0)
     head_dim = n_embd // n_head if n_head else 0
     return ModelInfo(
         path=path,
         size=actual_size,
         sha256=None,
         architecture=arch,
-        name=field("general.name"),
-        n_layer=int(field(f"{arch}.block_count", 0) or 0),
+        name=meta.get("general.name"),
+        n_layer=int(meta.get(f"{arch}.block_count") or 0),
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head) or n_head),
-        key_length=int(field(f"{arch}.attention.key_length", head_dim) or head_dim),
-        value_length=int(field(f"{arch}.attention.value_length", head_dim) or head_dim),
-        tensor_count=len(reader.tensors),
+        n_head_kv=int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
+        key_length=int(meta.get(f"{arch}.attention.key_length") or head_dim),
+        value_length=int(meta.get(f"{arch}.attention.value_length") or head_dim),
+        tensor_count=n_tensors,
     )
 
 

@@ -30,6 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "llamabench_thresholds(**limits): min_gen_tok_s, min_prompt_tok_s, max_ttft_ms, max_rss_mib, max_vram_mib",
     ):
         config.addinivalue_line("markers", line)
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): keeps a config's tests on one xdist worker")
     try:
         session = Session.from_pytest(config)
     except LlamabenchError as exc:

@@ -1,0 +1,428 @@
+"""What the NVIDIA GPUs are and how much memory a server uses, through NVML (``pynvml``).
+
+``pynvml`` comes from the ``nvidia-ml-py`` package and is imported lazily, so that a
+machine without it (or without a driver) only gets ``probe_gpu().available == False``.
+Every function here pairs its own ``nvmlInit`` with an ``nvmlShutdown``; NVML counts
+references, so any number of them may overlap or repeat.
+
+NVML does not honour ``CUDA_VISIBLE_DEVICES``: indices here are NVML's (PCI bus order).
+Set ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` for CUDA ordinals to agree with them, or match by UUID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType, TracebackType
+from typing import Any
+
+from .errors import GpuUnavailable
+
+MIB = 1024 * 1024
+
+# NVML return codes (nvml.h; stable ABI).
+_NVML_ERROR_DRIVER_NOT_LOADED = 9
+_NVML_ERROR_LIBRARY_NOT_FOUND = 12
+_NVML_ERROR_FUNCTION_NOT_FOUND = 13
+
+REASON_NO_PYNVML = "pynvml not importable (install the nvidia-ml-py package)"
+REASON_NO_LIBRARY = "NVML library not found (no NVIDIA driver installed)"
+REASON_DRIVER_NOT_LOADED = "driver not loaded"
+REASON_NO_DEVICE = "no NVIDIA device"
+
+_FIXES = {
+    REASON_NO_PYNVML: "pip install nvidia-ml-py",
+    REASON_NO_LIBRARY: "install the NVIDIA driver (libnvidia-ml.so.1); in a container, run it with the "
+    "NVIDIA container toolkit (docker run --gpus all)",
+    REASON_DRIVER_NOT_LOADED: "load the kernel module (sudo modprobe nvidia) or reboot; `nvidia-smi` must work",
+    REASON_NO_DEVICE: "run on a machine with an NVIDIA GPU, or select a CPU config",
+}
+
+METHOD_PER_PROCESS = "per-process"
+METHOD_DEVICE_DELTA = "device-delta"
+
+
+# -- NVML access -------------------------------------------------------------------
+
+
+def _pynvml() -> ModuleType:
+    """The ``pynvml`` module (looked up on each call, so tests can swap it)."""
+    return importlib.import_module("pynvml")
+
+
+def _is_nvml_error(nv: ModuleType, exc: BaseException) -> bool:
+    return isinstance(exc, nv.NVMLError)
+
+
+def _open_nvml() -> ModuleType:
+    """Import pynvml and ``nvmlInit``; pair with ``_shutdown``. Raises ImportError or NVMLError."""
+    nv = _pynvml()
+    nv.nvmlInit()
+    return nv
+
+
+@contextlib.contextmanager
+def nvml_session() -> Iterator[ModuleType]:
+    """``nvmlInit`` ... ``nvmlShutdown``. Raises ``ImportError`` or ``pynvml.NVMLError``."""
+    nv = _open_nvml()
+    try:
+        yield nv
+    finally:
+        _shutdown(nv)
+
+
+def _shutdown(nv: ModuleType) -> None:
+    try:
+        nv.nvmlShutdown()
+    except Exception as exc:  # shutting down must never hide the real outcome
+        if not _is_nvml_error(nv, exc):
+            raise
+
+
+def describe_nvml_error(exc: BaseException) -> str:
+    """The reason ``probe_gpu`` reports for an exception from ``import pynvml`` or NVML."""
+    if isinstance(exc, ImportError):
+        return REASON_NO_PYNVML
+    code = getattr(exc, "value", None)
+    if code == _NVML_ERROR_LIBRARY_NOT_FOUND:
+        return REASON_NO_LIBRARY
+    if code == _NVML_ERROR_DRIVER_NOT_LOADED:
+        return REASON_DRIVER_NOT_LOADED
+    return f"NVML error: {exc}"
+
+
+# -- probe ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuStatus:
+    """Whether NVML sees a usable NVIDIA GPU; ``reason`` says why not (or how many there are)."""
+
+    available: bool
+    reason: str
+    device_count: int = 0
+
+    @property
+    def fix(self) -> str:
+        """How to make the GPU usable ('' when it is, or when there is no standard fix)."""
+        if self.available:
+            return ""
+        return _FIXES.get(self.reason, "check that `nvidia-smi` works on this machine")
+
+
+def probe_gpu() -> GpuStatus:
+    """Ask NVML for the device count. Never raises; cheap, but callers should cache it."""
+    try:
+        with nvml_session() as nv:
+            count = int(nv.nvmlDeviceGetCount())
+    except Exception as exc:  # ImportError, NVMLError, or a broken pynvml: all mean "no GPU"
+        return GpuStatus(False, describe_nvml_error(exc))
+    if count <= 0:
+        return GpuStatus(False, REASON_NO_DEVICE)
+    return GpuStatus(True, f"{count} NVIDIA device{'s' if count != 1 else ''}", count)
+
+
+def require_gpu(status: GpuStatus | None = None) -> GpuStatus:
+    """``status`` (default: a fresh probe) if a GPU is usable, else raise ``GpuUnavailable``."""
+    status = status if status is not None else probe_gpu()
+    if not status.available:
+        raise GpuUnavailable(f"a GPU is required but none is usable: {status.reason}; fix: {status.fix}")
+    return status
+
+
+# -- snapshot ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSnapshot:
+    """One device's identity and state at one moment. ``None``: NVML does not report it here."""
+
+    index: int
+    name: str
+    uuid: str
+    driver: str
+    cuda: str  # driver's CUDA version, "13.0"; "" if unknown
+    memory_total_mib: float
+    memory_free_mib: float
+    memory_used_mib: float
+    sm_clock_mhz: int | None
+    mem_clock_mhz: int | None
+    temperature_c: int | None
+    power_w: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def snapshot_gpus() -> list[GpuSnapshot]:
+    """Every device NVML sees; ``[]`` when NVML is unavailable (``probe_gpu()`` says why).
+
+    Raises ``GpuUnavailable`` only if NVML works but a present device cannot be read
+    (e.g. "GPU is lost").
+    """
+    try:
+        nv = _open_nvml()
+    except Exception:
+        return []
+    try:
+        driver = _text(_optional(nv, nv.nvmlSystemGetDriverVersion) or "")
+        cuda = _cuda_version(nv)
+        return [_snapshot_one(nv, i, driver, cuda) for i in range(int(nv.nvmlDeviceGetCount()))]
+    except Exception as exc:
+        if not _is_nvml_error(nv, exc):
+            raise
+        raise GpuUnavailable(
+            f"NVML could not read the GPUs: {exc}; check `nvidia-smi` (a lost GPU needs a reset or reboot)"
+        ) from exc
+    finally:
+        _shutdown(nv)
+
+
+def _snapshot_one(nv: ModuleType, index: int, driver: str, cuda: str) -> GpuSnapshot:
+    handle = nv.nvmlDeviceGetHandleByIndex(index)
+    memory = nv.nvmlDeviceGetMemoryInfo(handle)
+    power_mw = _optional(nv, nv.nvmlDeviceGetPowerUsage, handle)
+    return GpuSnapshot(
+        index=index,
+        name=_text(nv.nvmlDeviceGetName(handle)),
+        uuid=_text(_optional(nv, nv.nvmlDeviceGetUUID, handle) or ""),
+        driver=driver,
+        cuda=cuda,
+        memory_total_mib=int(memory.total) / MIB,
+        memory_free_mib=int(memory.free) / MIB,
+        memory_used_mib=int(memory.used) / MIB,
+        sm_clock_mhz=_optional_int(_optional(nv, nv.nvmlDeviceGetClockInfo, handle, nv.NVML_CLOCK_SM)),
+        mem_clock_mhz=_optional_int(_optional(nv, nv.nvmlDeviceGetClockInfo, handle, nv.NVML_CLOCK_MEM)),
+        temperature_c=_optional_int(
+            _optional(nv, nv.nvmlDeviceGetTemperature, handle, nv.NVML_TEMPERATURE_GPU)
+        ),
+        power_w=None if power_mw is None else int(power_mw) / 1000.0,
+    )
+
+
+def _cuda_version(nv: ModuleType) -> str:
+    """The driver's CUDA version as "13.0" (NVML gives 13000), or ''."""
+    for name in ("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"):
+        function = getattr(nv, name, None)
+        value = None if function is None else _optional(nv, function)
+        if value:
+            return format_cuda_version(int(value))
+    return ""
+
+
+def format_cuda_version(value: int) -> str:
+    """NVML/CUDA integer version (major*1000 + minor*10) as "major.minor"."""
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def _optional(nv: ModuleType, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, or ``None`` where NVML answers with an error (not supported, ...)."""
+    try:
+        return function(*args)
+    except Exception as exc:
+        if not _is_nvml_error(nv, exc):
+            raise
+        return None
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# -- VRAM sampler ----------------------------------------------------------------------
+
+
+class VramSampler:
+    """Samples the GPU memory that a server's processes use, every ``interval`` seconds.
+
+    ``pids()`` returns the PIDs to count, as NVML sees them (host PIDs for a container).
+    Each sample takes one of two methods, reported as ``method``:
+
+    - ``"per-process"``: the sum of NVML ``usedGpuMemory`` of those PIDs, over all devices.
+    - ``"device-delta"``: when none of those PIDs appears in NVML's list with a known
+      ``usedGpuMemory`` (a VM or container where NVML reports PIDs of another namespace,
+      or a driver that does not report per-process memory), the devices' total used memory
+      minus the baseline read at ``start()``. That counts *every* process, so anything else
+      that allocates after ``start()`` is counted too: start the sampler after any
+      ``VramBallast`` is acquired.
+
+    A sample where ``pids()`` is empty (server not started or gone) records 0 MiB.
+    ``peak_mib`` and ``current_mib`` are ``None`` when NVML is unavailable (``reason`` says why)
+    and before the first sample. Vanished processes are simply absent from NVML's list;
+    errors of NVML or of ``pids()`` during a sample are counted in ``errors`` (``last_error``)
+    and that sample is skipped.
+    """
+
+    def __init__(self, pids: Callable[[], set[int]], interval: float = 0.2) -> None:
+        if interval <= 0:
+            raise ValueError(f"VramSampler interval must be > 0 s, got {interval}")
+        self._pids = pids
+        self.interval = interval
+        self.available = False
+        self.reason = "not started"
+        self.current_mib: float | None = None
+        self.peak_mib: float | None = None
+        self.baseline_mib: float | None = None
+        self.method: str | None = None  # method of the latest sample that measured memory
+        self.peak_method: str | None = None
+        self.samples = 0
+        self.errors = 0
+        self.last_error = ""
+        self._nv: ModuleType | None = None
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # lifecycle
+
+    def start(self) -> VramSampler:
+        """Open NVML, read the baseline, take a first sample, start the daemon thread.
+
+        Never raises for a missing GPU: then ``available`` is False and nothing runs.
+        """
+        if self._thread is not None:
+            raise RuntimeError("VramSampler already started")
+        if not self._open():
+            return self
+        self.sample_once()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="llamabench-vram-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and close NVML; the readings stay. Safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10 * self.interval + 5)
+            self._thread = None
+        if self._nv is not None:
+            _shutdown(self._nv)
+            self._nv = None
+            self._handles = []
+
+    def __enter__(self) -> VramSampler:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _open(self) -> bool:
+        try:
+            nv = _open_nvml()
+        except Exception as exc:
+            self.available, self.reason = False, describe_nvml_error(exc)
+            return False
+        try:
+            count = int(nv.nvmlDeviceGetCount())
+            handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            baseline = sum(self._device_used(nv, h) for h in handles)
+        except Exception as exc:
+            _shutdown(nv)
+            if not _is_nvml_error(nv, exc):
+                raise
+            self.available, self.reason = False, describe_nvml_error(exc)
+            return False
+        if not handles:
+            _shutdown(nv)
+            self.available, self.reason = False, REASON_NO_DEVICE
+            return False
+        self._nv, self._handles = nv, handles
+        self.available, self.reason = True, f"sampling {len(handles)} device(s)"
+        self.baseline_mib = baseline / MIB
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample_once()
+
+    # sampling
+
+    def sample_once(self) -> float | None:
+        """Take one sample now; returns its MiB, or None if it could not be taken."""
+        nv = self._nv
+        if nv is None:
+            return None
+        try:
+            pids = set(self._pids())
+            value, method = self._measure(nv, pids) if pids else (0.0, None)
+        except Exception as exc:  # a vanished server, a failing callback or NVML: skip this sample
+            with self._lock:
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            return None
+        self._record(value, method)
+        return value
+
+    def _measure(self, nv: ModuleType, pids: set[int]) -> tuple[float, str | None]:
+        per_process = 0
+        matched = False
+        device_used = 0
+        for handle in self._handles:
+            for proc in self._processes(nv, handle):
+                used = getattr(proc, "usedGpuMemory", None)
+                if int(proc.pid) in pids and used is not None:
+                    per_process += int(used)
+                    matched = True
+            device_used += self._device_used(nv, handle)
+        if matched:
+            return per_process / MIB, METHOD_PER_PROCESS
+        delta = device_used / MIB - (self.baseline_mib or 0.0)
+        if delta > 0:
+            return delta, METHOD_DEVICE_DELTA
+        return 0.0, None
+
+    @staticmethod
+    def _processes(nv: ModuleType, handle: Any) -> list[Any]:
+        try:
+            return list(nv.nvmlDeviceGetComputeRunningProcesses(handle))
+        except Exception as exc:
+            if getattr(exc, "value", None) != _NVML_ERROR_FUNCTION_NOT_FOUND or not _is_nvml_error(nv, exc):
+                raise
+            return list(nv.nvmlDeviceGetComputeRunningProcesses_v2(handle))  # drivers older than 510
+
+    @staticmethod
+    def _device_used(nv: ModuleType, handle: Any) -> int:
+        return int(nv.nvmlDeviceGetMemoryInfo(handle).used)
+
+    def _record(self, value: float, method: str | None) -> None:
+        with self._lock:
+            self.samples += 1
+            self.current_mib = value
+            if method is not None:
+                self.method = method
+            if self.peak_mib is None or value > self.peak_mib:
+                self.peak_mib = value
+                self.peak_method = method
+
+    def reset_peak(self) -> None:
+        """Restart peak tracking from the latest sample (e.g. after warm-up)."""
+        with self._lock:
+            self.peak_mib = self.current_mib
+            self.peak_method = self.method if self.current_mib else None
+
+    def as_dict(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "available": self.available,
+                "reason": self.reason,
+                "interval_s": self.interval,
+                "samples": self.samples,
+                "current_mib": self.current_mib,
+                "peak_mib": self.peak_mib,
+                "method": self.method,
+                "peak_method": self.peak_method,
+                "baseline_mib": self.baseline_mib,
+                "errors": self.errors,
+                "last_error": self.last_error,
+            }
