@@ -70,6 +70,11 @@ class LlamaClient:
         """POST /completion with stream=true; tokens counted from ``tokens`` arrays."""
         return self._stream("/completion", {**payload, "stream": True, "return_tokens": True}, _completion_tokens)
 
+    def stream_oai_completion(self, payload: Mapping[str, Any]) -> StreamResult:
+        """POST /v1/completions with stream=true; one token per text delta."""
+        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        return self._stream("/v1/completions", body, _oai_text_tokens)
+
     def stream_chat(self, payload: Mapping[str, Any]) -> StreamResult:
         """POST /v1/chat/completions with stream=true; one token per content delta."""
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
@@ -113,7 +118,9 @@ class LlamaClient:
                     if "timings" in event or event.get("stop") is True:
                         final = {**final, **event}
         except httpx.HTTPError as exc:
-            raise RequestFailed(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
+            error = RequestFailed(f"POST {self.base_url}{path} failed mid-stream: {exc!r}")
+            error.context["events_received"] = bool(final or token_times)
+            raise error from exc
         if not final:
             raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
         return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))
@@ -140,6 +147,12 @@ def _sse_events(lines: Iterator[str], path: str) -> Iterator[dict[str, Any]]:
 def _completion_tokens(event: dict[str, Any]) -> tuple[int, str]:
     tokens = event.get("tokens") or []
     return len(tokens), str(event.get("content", ""))
+
+
+def _oai_text_tokens(event: dict[str, Any]) -> tuple[int, str]:
+    choices = event.get("choices") or []
+    text = choices[0].get("text") if choices else None
+    return (1, text) if text else (0, "")
 
 
 def _chat_tokens(event: dict[str, Any]) -> tuple[int, str]:

@@ -115,8 +115,15 @@ class Server(abc.ABC):
         value = self.props.get("build_info")
         return str(value) if value else None
 
-    def ensure_alive(self) -> None:
-        """Raise ServerDied (classified from the log) if the server has gone away."""
+    def ensure_alive(self, grace_s: float = 1.0) -> None:
+        """Raise ServerDied (classified from the log) if the server has gone away.
+
+        Called after a request failed: a dying server closes its sockets a moment
+        before it can be reaped, so give it ``grace_s`` to show as exited.
+        """
+        deadline = time.monotonic() + grace_s
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not self._alive():
             cause = self._exit_error()
             raise ServerDied(

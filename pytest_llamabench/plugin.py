@@ -186,18 +186,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return report
     base = {"config": config.name, "workload": workload.name if isinstance(workload, Workload) else None,
             "description": config.description, "expect": config.expect}  # fmt: skip
-    if call.excinfo is not None and isinstance(call.excinfo.value, LlamabenchError):
-        exc = call.excinfo.value
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, LlamabenchError):
         base["failure"] = _failure(exc)
         base.update(exc.context)
-        if exc.log_tail:
-            report.sections.append((f"llama-server log ({config.name})", exc.log_tail))
         if hasattr(report, "wasxfail"):
             report.wasxfail = f"{report.wasxfail}: {exc.summary}"
         elif report.failed:  # one clear line instead of a traceback through the plugin
             report.longrepr = f"{exc.kind}: {exc.message}"
-    elif report.failed:
-        tail = item.config.stash[SESSION].log_tail(config.name)
+    if report.failed or hasattr(report, "wasxfail"):
+        tail = (exc.log_tail if isinstance(exc, LlamabenchError) else "") or item.config.stash[SESSION].log_tail(config.name)
         if tail:
             report.sections.append((f"llama-server log ({config.name})", tail))
     report.user_properties.append((ENTRY, base))

@@ -138,6 +138,7 @@ def result_entry(running: RunningServer | None, workload: Workload, measurement:
         entry["model"] = info.as_dict() if info else None
     if measurement is not None:
         entry["metrics"] = measurement.metrics()
+        entry["endpoint"] = measurement.endpoint
     return entry
 
 

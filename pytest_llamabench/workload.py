@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from .client import StreamResult
 from .config import Workload
 from .errors import MeasurementInvalid, RequestFailed
 from .launcher import Server
@@ -69,6 +70,7 @@ class Measurement:
     warmups: int
     rss_peak_mib: float | None = None
     vram_peak_mib: float | None = None
+    endpoint: str = "/completion"
 
     def metrics(self) -> dict[str, dict[str, Any]]:
         out = {name: summarize([getattr(s, name) for s in self.samples]) for name in SAMPLE_METRICS}
@@ -83,8 +85,8 @@ class Measurement:
         return float(value) if value is not None else None
 
 
-class _Prompts:
-    """Exact-length token slices of the corpus, tokenized once per server."""
+class _RunState:
+    """Exact-length token slices of the corpus (tokenized once) and the endpoint in use."""
 
     def __init__(self, server: Server, needed: int) -> None:
         self.server = server
@@ -93,6 +95,8 @@ class _Prompts:
         per_copy = max(len(tokens), 1)
         copies = needed // per_copy + 2
         self.tokens = server.client.tokenize(CORPUS * copies)
+
+        self.endpoint = "/completion"  # switched to /v1/completions if the native stream breaks
 
     def slice(self, offset: int, length: int) -> list[int]:
         start = offset % max(len(self.tokens) - length, 1)
@@ -104,7 +108,7 @@ def run_workload(server: Server, workload: Workload, *, runner: Runner | None = 
     rounds_done = 0
     samples: list[Sample] = []
     per_round = workload.prompt_tokens * workload.turns
-    prompts = _Prompts(server, per_round * 4)
+    prompts = _RunState(server, per_round * 4)
 
     def one_round() -> None:
         nonlocal rounds_done
@@ -120,7 +124,8 @@ def run_workload(server: Server, workload: Workload, *, runner: Runner | None = 
     # finish the warmups and repetitions ourselves so the numbers are the same either way.
     while len(samples) < workload.repetitions:
         one_round()
-    return Measurement(server.config.name, workload.name, samples, workload.warmup)
+    endpoint = "/v1/chat/completions" if workload.kind == "chat" else prompts.endpoint
+    return Measurement(server.config.name, workload.name, samples, workload.warmup, endpoint=endpoint)
 
 
 def _guarded(server: Server, fn: Callable[[], Sample]) -> Sample:
@@ -131,20 +136,23 @@ def _guarded(server: Server, fn: Callable[[], Sample]) -> Sample:
         raise
 
 
-def _run_once(server: Server, workload: Workload, prompts: _Prompts, index: int) -> Sample:
+def _run_once(server: Server, workload: Workload, prompts: _RunState, index: int) -> Sample:
     if workload.kind == "chat":
         return _run_chat(server, workload, prompts, index)
     prompt = prompts.slice(index * 7919, workload.prompt_tokens)
-    result = server.client.stream_completion(
-        {"prompt": prompt, "n_predict": workload.n_predict, "ignore_eos": True, "cache_prompt": False,
-         "temperature": 0.0, "seed": 42}  # fmt: skip
-    )
+    payload = {"prompt": prompt, "n_predict": workload.n_predict, "max_tokens": workload.n_predict,
+               "ignore_eos": True, "cache_prompt": False, "temperature": 0.0, "seed": 42}  # fmt: skip
+    result = _stream_completion(server, prompts, payload)
     timings = result.timings
     where = f"{server.config.name}/{workload.name}"
     _check(timings.get("predicted_n") == workload.n_predict, where,
            f"generated {timings.get('predicted_n')} tokens, asked for {workload.n_predict}")  # fmt: skip
-    _check(result.client_tokens == timings.get("predicted_n"), where,
-           f"the stream carried {result.client_tokens} tokens, the server counted {timings.get('predicted_n')}")  # fmt: skip
+    if prompts.endpoint == "/completion":  # token ids in every event; the OAI stream has text only
+        _check(result.client_tokens == timings.get("predicted_n"), where,
+               f"the stream carried {result.client_tokens} tokens, the server counted {timings.get('predicted_n')}")  # fmt: skip
+    else:
+        _check(result.client_tokens <= workload.n_predict, where,
+               f"the stream carried {result.client_tokens} tokens for {workload.n_predict}")  # fmt: skip
     _check(timings.get("cache_n") == 0, where,
            f"the prompt cache was reused (cache_n={timings.get('cache_n')}) although cache_prompt=false")  # fmt: skip
     _check(timings.get("prompt_n") == workload.prompt_tokens, where,
@@ -152,7 +160,21 @@ def _run_once(server: Server, workload: Workload, prompts: _Prompts, index: int)
     return _sample([(result.sent_at, result.token_times, result.finished_at, timings)])
 
 
-def _run_chat(server: Server, workload: Workload, prompts: _Prompts, index: int) -> Sample:
+def _stream_completion(server: Server, prompts: _RunState, payload: dict[str, Any]) -> StreamResult:
+    """Native /completion stream; if it drops before its first event while the server lives
+    (seen with a CUDA build on an H100: headers never sent), use /v1/completions from then on."""
+    if prompts.endpoint == "/completion":
+        try:
+            return server.client.stream_completion(payload)
+        except RequestFailed as exc:
+            server.ensure_alive()
+            if exc.context.get("events_received"):
+                raise
+            prompts.endpoint = "/v1/completions"
+    return server.client.stream_oai_completion(payload)
+
+
+def _run_chat(server: Server, workload: Workload, prompts: _RunState, index: int) -> Sample:
     """One conversation of ``turns`` turns; the history is resent and the cache reused."""
     where = f"{server.config.name}/{workload.name}"
     messages: list[dict[str, str]] = []

@@ -31,6 +31,15 @@ setup)
     wait $build; tail -3 "$WORK/build.log"; cat "$WORK/synth.log" | grep -E "wrote|real|error"
     cp "$WORK/build.log" "$WORK/synth.log" "$OUT/" 2>/dev/null
     "${PYTEST[@]}" tests/test_gpu.py tests/test_classify.py -q -m "gpu or not gpu" 2>&1 | tail -3
+    # the native /completion stream, by hand (first GPU run: the client saw no response)
+    "$LLAMABENCH_SERVER_BIN" -m ~/.cache/pytest-llamabench/synthetic-models/Qwen3-30B-A3B-synthetic-Q4_K_M.gguf \
+        --host 127.0.0.1 --port 18080 -c 4096 -np 1 --fit off -ngl 99 --n-cpu-moe 24 > "$WORK/probe.log" 2>&1 &
+    probe=$!
+    for _ in $(seq 1 60); do curl -sf 127.0.0.1:18080/health >/dev/null && break; sleep 1; done
+    curl -sN -m 20 127.0.0.1:18080/completion -H 'Content-Type: application/json' \
+        -d '{"prompt":[9707,1879,11,1084,374],"n_predict":8,"ignore_eos":true,"stream":true,"return_tokens":true}' \
+        -o "$WORK/probe.out" -w 'probe /completion stream: http %{http_code}, %{size_download} bytes\n'
+    head -c 600 "$WORK/probe.out"; echo; kill $probe; wait $probe 2>/dev/null; cp "$WORK/probe.out" "$OUT/" 2>/dev/null
     # the user's own command, exactly (matrix, binary and budget come from the environment)
     "${PYTEST[@]}" -m gpu --config=C7 --llamabench-json="$OUT/c7.json" benchmarks 2>&1 | tee "$OUT/c7.txt" | tail -25
     setsid nohup "${PYTEST[@]}" -m gpu benchmarks --llamabench-json="$WORK/matrix.json" \
@@ -42,7 +51,8 @@ wait)
         grep -qE "passed|failed|error" <(tail -1 "$WORK/matrix.txt") && break
         sleep 5
     done
-    cp "$WORK/matrix.json" "$WORK/matrix.txt" "$OUT/"; cp "$WORK"/../llamabench-gpu/*.md "$OUT/" 2>/dev/null
+    cp "$WORK/matrix.json" "$WORK/matrix.txt" "$WORK/matrix.md" "$OUT/" 2>/dev/null
+    tar czf "$OUT/logs.tgz" .llamabench/logs 2>/dev/null
     tail -45 "$WORK/matrix.txt"
     ;;
 esac
