@@ -147,12 +147,7 @@ def _run_once(server: Server, workload: Workload, prompts: _RunState, index: int
     where = f"{server.config.name}/{workload.name}"
     _check(timings.get("predicted_n") == workload.n_predict, where,
            f"generated {timings.get('predicted_n')} tokens, asked for {workload.n_predict}")  # fmt: skip
-    if prompts.endpoint == "/completion":  # token ids in every event; the OAI stream has text only
-        _check(result.client_tokens == timings.get("predicted_n"), where,
-               f"the stream carried {result.client_tokens} tokens, the server counted {timings.get('predicted_n')}")  # fmt: skip
-    else:
-        _check(result.client_tokens <= workload.n_predict, where,
-               f"the stream carried {result.client_tokens} tokens for {workload.n_predict}")  # fmt: skip
+    _check_stream_count(result, int(timings.get("predicted_n", -1)), where, exact=prompts.endpoint == "/completion")
     _check(timings.get("cache_n") == 0, where,
            f"the prompt cache was reused (cache_n={timings.get('cache_n')}) although cache_prompt=false")  # fmt: skip
     _check(timings.get("prompt_n") == workload.prompt_tokens, where,
@@ -231,6 +226,17 @@ def _sample(requests: list[tuple[float, list[float], float, dict[str, Any]]]) ->
         prompt_n=prompt_n,
         cache_n=sum(int(t.get("cache_n", 0)) for *_, t in requests),
     )
+
+
+def _check_stream_count(result: StreamResult, server_count: int, where: str, *, exact: bool) -> None:
+    """Client and server token counts agree: never more streamed than generated, and exactly as
+    many when the stream carries token ids (``exact``) and its text is ASCII. The server holds back
+    tokens that end inside a multi-byte character (byte-fallback tokens, common with random
+    weights: seen on the GPU run) and can drop them from the stream, so non-ASCII text is exempt."""
+    what = f"the stream carried {result.client_tokens} tokens, the server counted {server_count}"
+    _check(result.client_tokens <= server_count, where, what)
+    if exact and result.text.isascii():
+        _check(result.client_tokens == server_count, where, what)
 
 
 def _check(ok: bool, where: str, what: str) -> None:
