@@ -1,0 +1,475 @@
+"""llama-server in a Docker container: ``ContainerServer``, same interface as ``LocalServer``.
+
+A config with ``image = "..."`` runs here. The model file's directory is mounted
+read-only at ``/models``; the server listens on 0.0.0.0:8080 inside and is
+published only on the host's 127.0.0.1 (random port). The container's output
+is streamed into the per-config log, so readiness and failure classification
+work as for a local process; ``State.OOMKilled`` / exit 137 become a host OOM.
+
+Cleanup. Every container carries labels: ``pytest-llamabench=1``, the run id
+(one per pytest session), the config, the owner (user, host, PID and PID start
+time). It is removed by ``stop()`` (stop, then remove), by launcher.py's atexit
+hook, and otherwise:
+
+* a SIGKILLed pytest-xdist worker runs no Python code: the controller removes
+  that run's containers at session end (``remove_run_containers(client, run_id)``);
+* a crashed or SIGKILLed whole session: the next session of the same user on the
+  same host removes containers whose owner process is gone (``sweep_leftovers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .classify import classify_failure
+from .config import ServerConfig
+from .errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
+from .image import DEFAULT_TAG
+from .launcher import Server
+
+try:
+    import docker
+except ImportError:  # pragma: no cover - reported by docker_client()
+    docker = None
+
+#: The docker SDK is untyped; its client, containers and images are ``Any`` here.
+DockerClient = Any
+
+LABEL = "pytest-llamabench"
+LABEL_RUN_ID = "pytest-llamabench.run-id"
+LABEL_CONFIG = "pytest-llamabench.config"
+LABEL_OWNER_PID = "pytest-llamabench.owner-pid"
+LABEL_OWNER_START = "pytest-llamabench.owner-start"
+LABEL_USER = "pytest-llamabench.user"
+LABEL_HOST = "pytest-llamabench.host"
+
+CONTAINER_PORT = 8080
+MODELS_DIR = "/models"
+_MIB = 1024 * 1024
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_IMAGE_ENV = re.compile(r"^LLAMA_ARG_\w+=")  # server defaults an image may set (values are args, not secrets)
+_DAEMON_HINT = (
+    "start the daemon (sudo systemctl start docker), add your user to the docker group "
+    "(sudo usermod -aG docker $USER, then log in again), or set DOCKER_HOST to a reachable daemon"
+)
+
+
+def docker_sdk() -> Any:
+    """The docker SDK module (untyped); DockerUnavailable if it is not installed."""
+    if docker is None:
+        raise DockerUnavailable(
+            "the docker Python package is not installed; install it with: python -m pip install docker"
+        )
+    return docker
+
+
+def _socket_problem() -> str | None:
+    """Why the local Docker socket is unusable, checked first: the SDK leaks a socket when connect fails."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        return None
+    path = host.removeprefix("unix://")
+    if not os.path.exists(path):
+        return f"no Docker socket at {path}"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"user {os.getuid()} may not use {path}"
+    return None
+
+
+def docker_client() -> DockerClient:
+    """A connected client from the environment (DOCKER_HOST, ...); DockerUnavailable if none."""
+    docker_sdk()
+    if problem := _socket_problem():
+        raise DockerUnavailable(f"cannot reach the Docker daemon ({problem}); {_DAEMON_HINT}")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except (docker.errors.DockerException, OSError) as exc:
+        raise DockerUnavailable(f"cannot reach the Docker daemon ({exc}); {_DAEMON_HINT}") from None
+    return client
+
+
+# -- images --------------------------------------------------------------------------
+
+
+def split_pinned(ref: str, where: str) -> tuple[str, str | None]:
+    """``name[:tag]@sha256:...`` -> (name[:tag], digest); unpinned -> (ref, None)."""
+    name, sep, digest = ref.partition("@")
+    if not sep:
+        return ref, None
+    if not _DIGEST.fullmatch(digest):
+        raise ConfigError(f"{where}: {digest!r} is not a digest; pin images as NAME[:TAG]@sha256:<64 hex digits>")
+    return name, digest
+
+
+def image_matches(image: Any, digest: str) -> bool:
+    """Whether ``digest`` is the image's ID or one of its registry digests."""
+    repo_digests = image.attrs.get("RepoDigests") or []
+    return digest == image.id or any(d.endswith(f"@{digest}") for d in repo_digests)
+
+
+def image_digest(image: Any, pinned: str | None = None) -> str:
+    """What ran: the pinned digest if it matched, else the first RepoDigest, else the image ID."""
+    if pinned is not None and image_matches(image, pinned):
+        return pinned
+    repo_digests = image.attrs.get("RepoDigests") or []
+    return str(repo_digests[0]).partition("@")[2] if repo_digests else str(image.id)
+
+
+def resolve_image(client: DockerClient, ref: str, *, where: str) -> Any:
+    """The local image for ``ref`` (pulled if absent and a registry answers); pins verified."""
+    name, pinned = split_pinned(ref, where)
+    image = _get_image(client, ref)
+    if image is not None and (pinned is None or image_matches(image, pinned)):
+        return image
+    local = None
+    if pinned is not None:  # a locally built image has no registry digest: pinned by its ID
+        local = _get_image(client, name)
+        if local is not None and image_matches(local, pinned):
+            return local
+    try:
+        image = client.images.pull(ref)
+    except docker.errors.DockerException as exc:
+        raise _missing_image(ref, pinned, local, exc, where) from None
+    if pinned is not None and not image_matches(image, pinned):
+        raise _missing_image(ref, pinned, image, None, where)
+    return image
+
+
+def _get_image(client: DockerClient, ref: str) -> Any:
+    try:
+        return client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return None
+    except docker.errors.APIError as exc:
+        if exc.status_code in (400, 404):  # e.g. a digest lookup the daemon cannot do locally
+            return None
+        raise DockerUnavailable(f"docker could not look up image {ref!r}: {exc.explanation or exc}") from None
+
+
+def _missing_image(ref: str, pinned: str | None, found: Any, exc: Exception | None, where: str) -> DockerUnavailable:
+    if found is not None:
+        return DockerUnavailable(
+            f"{where}: the config pins {pinned}, but the local {ref.partition('@')[0]!r} is {found.id} "
+            f"(registry digests: {', '.join(found.attrs.get('RepoDigests') or []) or 'none'}); build or pull "
+            "the pinned image, or update the digest in the config"
+        )
+    return DockerUnavailable(
+        f"{where}: image {ref!r} is not on this machine and could not be pulled ({exc}); build the local "
+        f"llama-server image with `python -m pytest_llamabench docker-image` (tag {DEFAULT_TAG}) "
+        f"or run `docker pull {ref}` where a registry is reachable"
+    )
+
+
+# -- labels and cleanup ----------------------------------------------------------------
+
+
+def owner_labels(run_id: str, config_name: str) -> dict[str, str]:
+    """Labels that say which run, config and process a container belongs to."""
+    pid = os.getpid()
+    return {
+        LABEL: "1",
+        LABEL_RUN_ID: run_id,
+        LABEL_CONFIG: config_name,
+        LABEL_OWNER_PID: str(pid),
+        LABEL_OWNER_START: _process_start(pid) or "",
+        LABEL_USER: str(os.getuid()),
+        LABEL_HOST: socket.gethostname(),
+    }
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22): tells PID reuse apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def owner_alive(labels: dict[str, str]) -> bool:
+    """Whether the process that started a container still runs (same PID, same start time)."""
+    try:
+        pid = int(labels.get(LABEL_OWNER_PID, ""))
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    start = labels.get(LABEL_OWNER_START)
+    return not start or _process_start(pid) in (None, start)
+
+
+def _mine_filter() -> dict[str, list[str]]:
+    """Containers of this user on this host (owner PIDs mean nothing elsewhere)."""
+    return {"label": [f"{LABEL}=1", f"{LABEL_USER}={os.getuid()}", f"{LABEL_HOST}={socket.gethostname()}"]}
+
+
+def _remove(container: Any) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        container.remove(force=True)
+
+
+def sweep_leftovers(client: DockerClient, *, exclude_run_id: str) -> list[str]:
+    """Remove this user's containers (on this host) whose owner process is gone; their names."""
+    removed = []
+    for container in client.containers.list(all=True, filters=_mine_filter()):
+        labels = container.labels or {}
+        if labels.get(LABEL_RUN_ID) == exclude_run_id or owner_alive(labels):
+            continue
+        _remove(container)
+        removed.append(str(container.name))
+    return removed
+
+
+def remove_run_containers(client: DockerClient, run_id: str) -> list[str]:
+    """Remove every container of run ``run_id`` (e.g. of a SIGKILLed xdist worker); their names."""
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": [f"{LABEL_RUN_ID}={run_id}"]}):
+        _remove(container)
+        removed.append(str(container.name))
+    return removed
+
+
+def container_name(run_id: str, config_name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config_name)
+    return f"llamabench-{run_id}-{safe}-{uuid.uuid4().hex[:6]}"
+
+
+# -- the server ---------------------------------------------------------------------
+
+
+def _returncode(exit_code: int | None) -> int | None:
+    """Docker's 128+N for a signal -> Popen's -N (137 -> -SIGKILL)."""
+    if exit_code is None or not 128 < exit_code < 128 + 65:
+        return exit_code
+    try:
+        return -signal.Signals(exit_code - 128)
+    except ValueError:
+        return exit_code
+
+
+def _stream_logs(container: Any, path: Path) -> None:
+    """Append the container's output to ``path`` until it stops (runs in a thread)."""
+    try:
+        stream = container.logs(stream=True, follow=True)
+    except Exception:  # noqa: BLE001 - removed container or lost daemon: no log to follow
+        return
+    with path.open("ab") as log, contextlib.closing(stream):  # closing: else the socket leaks
+        try:
+            for chunk in stream:
+                log.write(chunk)
+                log.flush()
+        except Exception:  # noqa: BLE001 - removed container or lost daemon: the log simply ends
+            return
+
+
+class ContainerServer(Server):
+    """llama-server in a Docker container built from ``config.image``."""
+
+    launcher = "docker"
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        run_id: str,
+        log_dir: Path,
+        api_key: str | None = None,
+        client: DockerClient | None = None,
+    ) -> None:
+        if not config.image:
+            raise ConfigError(f"{config.source}: config {config.name} has no image; set image = \"...\"")
+        super().__init__(config, log_dir=log_dir, api_key=api_key)
+        self.run_id = run_id
+        self._docker = client
+        self._owns_client = client is None
+        self._container: Any = None
+        self._log_thread: threading.Thread | None = None
+        self._image_id: str | None = None
+        self._image_digest: str | None = None
+        self._image_env: list[str] = []
+        self.container_id: str | None = None
+        self.container_name: str | None = None
+        self._port: int | None = None
+        self._peak_mib: float | None = None
+
+    # -- launch ------------------------------------------------------------------
+
+    def _launch(self, model_path: Path) -> None:
+        if self._docker is None:
+            self._docker = docker_client()
+        assert self.config.image is not None
+        where = f"{self.config.source}.image"
+        image = resolve_image(self._docker, self.config.image, where=where)
+        self._image_id = str(image.id)
+        self._image_digest = image_digest(image, split_pinned(self.config.image, where)[1])
+        self._image_env = [e for e in (image.attrs.get("Config") or {}).get("Env") or [] if _IMAGE_ENV.match(e)]
+        self.container_name = container_name(self.run_id, self.config.name)
+        self.base_url, self._port, self._peak_mib = None, None, None  # a restart gets a new port
+        kwargs = self._create_args(model_path.resolve())
+        with self.log_path.open("wb") as log:
+            log.write(f"# docker: {self.config.image} ({self._image_id}) {' '.join(kwargs['command'])}\n".encode())
+        try:
+            self._container = self._docker.containers.create(self._image_id, **kwargs)
+            self.container_id = str(self._container.id)
+            self._container.start()
+        except docker.errors.APIError as exc:
+            raise self._start_error(exc) from None
+        self._log_thread = threading.Thread(
+            target=_stream_logs, args=(self._container, self.log_path), name=f"logs-{self.container_name}", daemon=True
+        )
+        self._log_thread.start()
+
+    def _create_args(self, model_path: Path) -> dict[str, Any]:
+        command = ["--model", f"{MODELS_DIR}/{model_path.name}", "--host", "0.0.0.0",
+                   "--port", str(CONTAINER_PORT), *self.args]  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "command": command,
+            "name": self.container_name,
+            "detach": True,
+            "environment": self._environment(),
+            "labels": owner_labels(self.run_id, self.config.name),
+            "ports": {f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)},  # never on other interfaces
+            "volumes": {str(model_path.parent): {"bind": MODELS_DIR, "mode": "ro"}},
+        }
+        if self.config.memory_limit:
+            kwargs["mem_limit"] = self.config.memory_limit
+            kwargs["memswap_limit"] = self.config.memory_limit  # equal: no swap
+        if self.config.gpu:
+            kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return kwargs
+
+    def _environment(self) -> dict[str, str]:
+        """Only the config's env and the API key: the host environment stays outside."""
+        env = dict(self.config.env)
+        if self.api_key:
+            env["LLAMA_API_KEY"] = self.api_key  # never on argv: argv goes into reports
+        return env
+
+    def _start_error(self, exc: Any) -> ServerStartError:
+        text = str(exc.explanation or exc)
+        if "could not select device driver" in text:
+            return GpuUnavailable(
+                f"{self.config.source}: config {self.config.name} sets gpu = true, but the Docker engine has no "
+                f"GPU runtime ({text}); install the NVIDIA Container Toolkit and restart dockerd, "
+                "or set gpu = false"
+            )
+        return DockerUnavailable(f"{self.config.name}: docker could not start the container: {text}")
+
+    # -- watch ----------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        """The container's State (refreshed); {} once it is gone."""
+        if self._container is None:
+            return {}
+        try:
+            self._container.reload()
+        except docker.errors.NotFound:
+            return {}
+        except (docker.errors.DockerException, OSError) as exc:
+            raise DockerUnavailable(f"{self.config.name}: lost the Docker daemon ({exc}); {_DAEMON_HINT}") from None
+        return dict(self._container.attrs.get("State") or {})
+
+    def _alive(self) -> bool:
+        return bool(self._state().get("Running"))
+
+    def _discover_url(self) -> str | None:
+        if self._port is None and self._container is not None:
+            bindings = (self._container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
+            for binding in bindings.get(f"{CONTAINER_PORT}/tcp") or []:
+                if binding.get("HostIp") == "127.0.0.1" and binding.get("HostPort"):
+                    self._port = int(binding["HostPort"])
+        return f"http://127.0.0.1:{self._port}" if self._port else None
+
+    def _exit_error(self) -> ServerStartError:
+        state = self._state()
+        self._join_logs()
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not state:
+            gone = f"{self.config.name}: container {self.container_name} is gone (removed by someone else?)"
+            return ServerExited(gone, log_tail=self.log_tail())
+        oom_killed = bool(state.get("OOMKilled"))
+        returncode = _returncode(state.get("ExitCode"))
+        error = classify_failure(
+            log, returncode, oom_killed=oom_killed, what=f"llama-server (container {self.container_name})"
+        )
+        if oom_killed and self.config.memory_limit and isinstance(error, ServerOutOfMemory) and not error.requested_mib:
+            error = ServerOutOfMemory(
+                f"llama-server (container {self.container_name}) was OOM-killed (exit 137): the container hit its "
+                f"memory limit ({self.config.memory_limit / _MIB:.0f} MiB, memory_limit in {self.config.source}); "
+                'raise memory_limit, lower ctx or use a smaller model, or mark the config expect = "oom"',
+                device="host", log_tail=error.log_tail,
+            )  # fmt: skip
+        return error
+
+    def _join_logs(self, timeout: float = 5.0) -> None:
+        if self._log_thread is not None:
+            self._log_thread.join(timeout)
+
+    # -- stop --------------------------------------------------------------------------
+
+    def _terminate(self) -> None:
+        container, self._container = self._container, None
+        if container is not None:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                self._sample_memory(container)
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                container.stop(timeout=5)
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                container.remove(force=True)
+            self._join_logs()
+            self._log_thread = None
+        if self._owns_client and self._docker is not None:
+            self._docker.close()
+            self._docker = None
+
+    # -- measurements ----------------------------------------------------------------
+
+    def pids(self) -> set[int]:
+        """Host PIDs of the container's processes (``docker top``), else State.Pid."""
+        if self._container is None:
+            return set()
+        try:
+            top = self._container.top()
+            column = top["Titles"].index("PID")
+            return {int(row[column]) for row in top.get("Processes") or []}
+        except (docker.errors.DockerException, OSError, KeyError, ValueError):
+            pid = int((self._container.attrs.get("State") or {}).get("Pid") or 0)  # as of the last reload
+            return {pid} if pid > 0 else set()
+
+    def peak_rss_mib(self) -> float | None:
+        """The container cgroup's peak memory use (cgroup v1 ``max_usage``; else current usage)."""
+        if self._container is not None:
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                self._sample_memory(self._container)
+        return self._peak_mib
+
+    def _sample_memory(self, container: Any) -> None:
+        stats = container.stats(stream=False, one_shot=True)
+        memory = stats.get("memory_stats") or {}
+        value = memory.get("max_usage") or memory.get("usage")
+        if value:
+            self._peak_mib = max(self._peak_mib or 0.0, value / _MIB)
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(
+            image=self.config.image,
+            image_id=self._image_id,
+            image_digest=self._image_digest,
+            image_env=list(self._image_env),
+            container_id=self.container_id,
+            container_name=self.container_name,
+            memory_limit=self.config.memory_limit,
+        )
+        return info
