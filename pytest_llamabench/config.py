@@ -253,13 +253,13 @@ class _Table:
         return value
 
     def choice(self, key: str, choices: Sequence[str]) -> str | None:
-        value = self.get(key, str)
+        value: str | None = self.get(key, str)
         if value is not None and value not in choices:
             raise ConfigError(f"{self.at(key)}: {value!r} is not one of {', '.join(choices)}")
         return value
 
     def positive_int(self, key: str, default: int | None = None, minimum: int = 1) -> int | None:
-        value = self.get(key, int, default)
+        value: int | None = self.get(key, int, default)
         if value is not None and value < minimum:
             raise ConfigError(f"{self.at(key)}: must be an integer >= {minimum}, got {value}")
         return value
@@ -309,12 +309,11 @@ def _server_values(table: _Table) -> dict[str, Any]:
         if isinstance(ngl, str) and ngl not in ("auto", "all"):
             raise ConfigError(f"{table.at('n_gpu_layers')}: use an integer, 'all' or 'auto'")
         out["n_gpu_layers"] = ngl
-    for key, choices in (("fit", _ON_OFF), ("flash_attn", _ON_OFF_AUTO), ("load_mode", _LOAD_MODES)):
-        if (v := table.choice(key, choices)) is not None:
-            out[key] = v
-    for key in ("cache_type_k", "cache_type_v"):
-        if (v := table.choice(key, _CACHE_TYPES)) is not None:
-            out[key] = v
+    choices_of = {"fit": _ON_OFF, "flash_attn": _ON_OFF_AUTO, "load_mode": _LOAD_MODES,
+                  "cache_type_k": _CACHE_TYPES, "cache_type_v": _CACHE_TYPES}  # fmt: skip
+    for key, choices in choices_of.items():
+        if (choice := table.choice(key, choices)) is not None:
+            out[key] = choice
     if "override_tensor" in table.data:
         out["override_tensor"] = table.str_list("override_tensor")
     if "args" in table.data:
@@ -408,15 +407,19 @@ def load_matrix(paths: Sequence[Path], *, models_dir: Path | None = None) -> Mat
     workloads: dict[str, Workload] = {}
     for path in paths:
         file_configs, file_workloads = _load_file(path, models_dir)
-        for kind, target, new in (("config", configs, file_configs), ("workload", workloads, file_workloads)):
-            for name, value in new.items():
-                if name in target:
-                    raise ConfigError(
-                        f"{value.source}: {kind} {name!r} is also defined in "  # type: ignore[attr-defined]
-                        f"{target[name].source}; load one of the files or rename one"  # type: ignore[attr-defined]
-                    )
-                target[name] = value  # type: ignore[index]
+        _merge_unique(configs, file_configs, "config")
+        _merge_unique(workloads, file_workloads, "workload")
     return Matrix(configs=configs, workloads=workloads, files=tuple(paths))
+
+
+def _merge_unique(target: dict[str, Any], new: Mapping[str, Any], kind: str) -> None:
+    for name, value in new.items():
+        if name in target:
+            raise ConfigError(
+                f"{value.source}: {kind} {name!r} is also defined in {target[name].source}; "
+                "load one of the files or rename one"
+            )
+        target[name] = value
 
 
 def _load_file(path: Path, models_dir: Path | None) -> tuple[dict[str, ServerConfig], dict[str, Workload]]:

@@ -81,9 +81,13 @@ def add_options(parser: pytest.Parser) -> None:
         if opt.flag:
             group.addoption(opt.cli, action="store_true", default=None, dest=opt.dest, help=help_text)
         else:
+            kwargs: dict[str, Any] = {"type": opt.type, "choices": opt.choices}
             group.addoption(opt.cli, action="append" if opt.multiple else "store", dest=opt.dest,
-                            type=opt.type, choices=opt.choices, default=None, help=help_text)  # fmt: skip
-        parser.addini(opt.dest, help_text, type="linelist" if opt.multiple else "string", default=None)
+                            default=None, help=help_text, **kwargs)  # fmt: skip
+        if opt.multiple:
+            parser.addini(opt.dest, help_text, type="linelist", default=None)
+        else:
+            parser.addini(opt.dest, help_text, type="string", default=None)
 
 
 def _from_text(opt: Option, text: str, where: str) -> Any:

@@ -184,7 +184,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     workload = callspec.params.get("llama_workload") if callspec else None
     if not isinstance(config, ServerConfig):
         return report
-    base = {"config": config.name, "workload": workload.name if isinstance(workload, Workload) else None,
+    base: dict[str, Any] = {"config": config.name, "workload": workload.name if isinstance(workload, Workload) else None,
             "description": config.description, "expect": config.expect}  # fmt: skip
     exc = call.excinfo.value if call.excinfo is not None else None
     if isinstance(exc, LlamabenchError):

@@ -1,0 +1,126 @@
+"""Benchmark of the harness itself (issue: the spine, part 2, item 7).
+
+1. The plugin's client-side generation tok/s vs llama-server's own ``timings``
+   (same n - 1 tokens; goal: within 1 %).
+2. llama-server vs ``llama-bench`` tg for the same model and threads
+   (llama.cpp's engine-vs-server gap: reported, not hidden).
+3. The harness's own CPU use while streaming (process CPU time / wall time).
+4. A small matrix through pytest: total wall time vs the sum of model loads and
+   measured requests (goal <= 1.15: one load per config, little overhead).
+
+    python benchmarks/harness_overhead.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_llamabench.build import BuildSpec, cached_binary, resolve_server_bin
+from pytest_llamabench.config import Workload, load_matrix
+from pytest_llamabench.launcher import LocalServer
+from pytest_llamabench.modelfile import embedded_model_path
+from pytest_llamabench.workload import run_workload
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def client_vs_server(binary: Path, n_predict: int, reps: int) -> dict[str, Any]:
+    matrix = load_matrix([REPO / "configs/default.toml"])
+    workload = Workload("bench", prompt_tokens=32, n_predict=n_predict, repetitions=reps, warmup=1)
+    with tempfile.TemporaryDirectory() as logs, LocalServer(matrix.configs["base"], binary=binary, log_dir=Path(logs)) as server:
+        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        measurement = run_workload(server, workload)
+        wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    metrics = measurement.metrics()
+    server_tps, client_tps = metrics["gen_tok_s"]["median"], metrics["client_gen_tok_s"]["median"]
+    diffs = [abs(c - s) / s * 100 for c, s in zip(metrics["client_gen_tok_s"]["samples"], metrics["gen_tok_s"]["samples"])]
+    return {
+        "server_gen_tok_s": server_tps,
+        "client_gen_tok_s": client_tps,
+        "client_vs_server_pct_median": statistics.median(diffs),
+        "client_vs_server_pct_max": max(diffs),
+        "harness_cpu_pct_of_one_core": cpu / wall * 100,
+        "wall_s": wall,
+    }
+
+
+def llama_bench(binary_dir: Path, n_predict: int, reps: int) -> float | None:
+    bench = binary_dir / "llama-bench"
+    if not bench.exists():
+        return None
+    out = subprocess.run(
+        [str(bench), "-m", str(embedded_model_path("smollm2-135m-instruct-q4_1")), "-p", "0", "-n", str(n_predict),
+         "-t", "2", "-r", str(reps), "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.stdout)
+    return float(rows[0]["avg_ts"])
+
+
+def matrix_efficiency(binary: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "pytest", "benchmarks/test_matrix.py", "-q", "-p", "no:randomly",
+               "--config=base", "--config=kv-q8", "--config=threads-1", "--llamabench-workload=short",
+               "--llamabench-workload=medium", f"--llamabench-server-bin={binary}", f"--llamabench-json={report}",
+               "--benchmark-disable"]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+        wall = time.perf_counter() - start
+        data = json.loads(report.read_text())
+    loads = {r["config"]: r["server"]["load_s"] for r in data["results"]}
+    requests = 0.0
+    for r in data["results"]:
+        spec, e2e = r["workload_spec"], r["metrics"]["e2e_ms"]
+        requests += sum(e2e["samples"]) / 1000 * (spec["repetitions"] + spec["warmup"]) / spec["repetitions"]
+    useful = sum(loads.values()) + requests
+    return {"wall_s": wall, "loads_s": sum(loads.values()), "requests_s": requests, "ratio": wall / useful,
+            "configs": len(loads), "tests": len(data["results"])}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-predict", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    binary, _ = resolve_server_bin(
+        [(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")], spec=BuildSpec(), build_if_missing=True, log=print
+    )
+    results: dict[str, Any] = {"cpu": os.cpu_count(), "binary": str(binary)}
+    results["client_vs_server"] = client_vs_server(binary, args.n_predict, args.reps)
+    bin_dir = cached_binary(BuildSpec())
+    results["llama_bench_tg_tok_s"] = llama_bench((bin_dir or binary).parent, args.n_predict, args.reps)
+    results["matrix"] = matrix_efficiency(binary)
+    cs, tg = results["client_vs_server"], results["llama_bench_tg_tok_s"]
+    print(f"server timings gen tok/s (median)      {cs['server_gen_tok_s']:.1f}")
+    print(f"plugin client gen tok/s (median)       {cs['client_gen_tok_s']:.1f}")
+    print(f"client vs server, per run (median/max) {cs['client_vs_server_pct_median']:.2f}% / {cs['client_vs_server_pct_max']:.2f}%  (goal < 1%)")
+    if tg:
+        print(f"llama-bench tg{args.n_predict} tok/s                 {tg:.1f}  (server/engine = {cs['server_gen_tok_s'] / tg:.3f})")
+    print(f"harness CPU while streaming            {cs['harness_cpu_pct_of_one_core']:.1f}% of one core")
+    m = results["matrix"]
+    print(f"matrix ({m['configs']} configs, {m['tests']} tests): wall {m['wall_s']:.1f} s, loads {m['loads_s']:.1f} s "
+          f"+ requests {m['requests_s']:.1f} s -> ratio {m['ratio']:.3f}  (goal <= 1.15)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
