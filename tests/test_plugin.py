@@ -275,3 +275,38 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
     assert done and all(r["metrics"]["gen_tok_s"]["n"] == 1 for r in done)
     leftovers = subprocess.run(["pgrep", "-f", "llama-server.*--ctx-size 1031"], capture_output=True, text=True)
     assert leftovers.stdout == "", f"llama-server outlived the interrupted run: {leftovers.stdout}"
+
+
+def test_gpu_configs_skip_with_a_reason_or_fail_when_required(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:
+    from pytest_llamabench.gpu import probe_gpu
+
+    if probe_gpu().available:
+        pytest.skip("this machine has a GPU: the no-GPU paths are exercised where there is none (CI)")
+    matrix = write_matrix("[configs.g]\ngpu = true\n[configs.c]\n")
+    pytester.makepyfile(MATRIX_TEST)
+    result = pytester.runpytest_subprocess(*bench_args(matrix), "-m", "gpu", "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*no usable NVIDIA GPU: NVML library not found*"])
+    result = pytester.runpytest_subprocess(*bench_args(matrix), "-m", "gpu", "--llamabench-require-gpu")
+    result.assert_outcomes(errors=2)  # failed in setup, before any server starts
+    result.stdout.fnmatch_lines(["*--llamabench-require-gpu is set*"])
+
+
+def test_api_key_is_used_and_never_reported(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path) -> None:
+    secret = "sk-llamabench-test-4f1c9e"
+    matrix = write_matrix("[configs.k]\n", workloads="[workloads.w]\nprompt_tokens = 8\nn_predict = 4\nrepetitions = 1\nwarmup = 0\n")
+    pytester.makepyfile(
+        """
+        import httpx
+
+        def test_workload(llama_server, llama_workload, llamabench):
+            assert httpx.post(llama_server.base_url + "/completion", json={"prompt": "x", "n_predict": 1}).status_code == 401
+            llamabench(llama_server, llama_workload)
+        """
+    )
+    pytester._monkeypatch.setenv("LLAMABENCH_API_KEY", secret)
+    result = pytester.runpytest_subprocess(*bench_args(matrix))
+    result.assert_outcomes(passed=1)
+    for path in [tmp_path / "report.json", tmp_path / "report.md", *(tmp_path / "logs").iterdir()]:
+        assert secret not in path.read_text(), path
+    assert secret not in result.stdout.str()
