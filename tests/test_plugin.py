@@ -255,19 +255,22 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
         "[workloads.slow]\nprompt_tokens = 16\nn_predict = 3000\nrepetitions = 1\nwarmup = 0\n",
     )
     pytester.makepyfile(MATRIX_TEST)
-    proc = subprocess.Popen(
+    report_path = tmp_path / "report.json"
+    with subprocess.Popen(
         [sys.executable, "-m", "pytest", *bench_args(matrix)], cwd=pytester.path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    report_path = tmp_path / "report.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the first test is recorded, then interrupt
-        if report_path.exists() and json.loads(report_path.read_text())["results"]:
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    ) as proc:  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:  # wait until the first test is recorded, then interrupt
+                if report_path.exists() and json.loads(report_path.read_text())["results"]:
+                    break
+                time.sleep(0.2)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     data = json.loads(report_path.read_text())
     assert data["finished"] is True  # the session finished cleanly after the interrupt

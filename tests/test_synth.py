@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import time
@@ -240,19 +239,11 @@ def _wait_healthy(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: 
     pytest.fail(f"llama-server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def env_server_bin() -> str:
-    server = os.environ.get("LLAMABENCH_SERVER_BIN")
-    if not server:
-        pytest.skip("set LLAMABENCH_SERVER_BIN to a llama-server binary to run the synthetic models")
-    return server
-
-
 @pytest.mark.parametrize("shape,quant", TINY)
 def test_llama_server_loads_tiny_model_and_generates(
-    env_server_bin: str, tiny_models: dict[tuple[str, str], Path], tmp_path: Path, shape: str, quant: str
+    server_bin: Path, tiny_models: dict[tuple[str, str], Path], tmp_path: Path, shape: str, quant: str
 ) -> None:
-    server = env_server_bin
+    server = str(server_bin)
     port = _free_port()
     log = tmp_path / "server.log"
     cmd = [server, "-m", str(tiny_models[shape, quant]), "--host", "127.0.0.1", "--port", str(port),
