@@ -154,8 +154,8 @@ class Session:
             messages += self._sweep_containers()
         if self.report_path is not None:
             files = [str(p) for p in self.matrix.files] if self.matrix else []
+            # written with the first result, so runs without benchmarks leave no file behind
             self.report = Report(self.report_path, matrix_files=files, fingerprint=self.fingerprint())
-            self.report.write()
         return messages
 
     def _sweep_containers(self) -> list[str]:
@@ -176,7 +176,7 @@ class Session:
                 remove_run_containers(docker_client(), self.bench.settings.run_id)
             except LlamabenchError:
                 pass
-        if self.report is None:
+        if self.report is None or (not self.report.results and self.gate is None):
             return False
         if self._gpus_at_start:
             from .gpu import snapshot_gpus
