@@ -33,7 +33,7 @@ from .classify import classify_failure
 from .config import ServerConfig
 from .errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
 from .image import DEFAULT_TAG
-from .launcher import Server
+from .launcher import Server, process_peak_rss_mib
 
 try:
     import docker
@@ -448,7 +448,14 @@ class ContainerServer(Server):
             return {pid} if pid > 0 else set()
 
     def peak_rss_mib(self) -> float | None:
-        """The container cgroup's peak memory use (cgroup v1 ``max_usage``; else current usage)."""
+        """Peak RSS of the container's processes as for a local server (``VmHWM``, readable when
+        the daemon runs on this host), so local and container configs compare; else the
+        container cgroup's peak (cgroup v1 ``max_usage``; else current usage), which leaves
+        out page-cache pages of a memory-mapped model."""
+        peaks = [p for p in map(process_peak_rss_mib, self.pids()) if p is not None]
+        if peaks:
+            self._peak_mib = max(self._peak_mib or 0.0, max(peaks))
+            return self._peak_mib
         if self._container is not None:
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 self._sample_memory(self._container)

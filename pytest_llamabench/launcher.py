@@ -290,16 +290,19 @@ class LocalServer(Server):
         return {self._proc.pid} if self._proc and self._proc.poll() is None else set()
 
     def peak_rss_mib(self) -> float | None:
-        if self._proc is None:
-            return None
-        try:
-            with open(f"/proc/{self._proc.pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            return None
+        return process_peak_rss_mib(self._proc.pid) if self._proc else None
+
+
+def process_peak_rss_mib(pid: int) -> float | None:
+    """Peak resident memory (``VmHWM``) of a process on this host, if it can be read."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
         return None
+    return None
 
 
 @atexit.register

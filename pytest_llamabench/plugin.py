@@ -48,10 +48,30 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     bench = session.config.stash[SESSION]
     if bench.is_controller:
-        for message in bench.start():
+        notice = _benchmark_under_xdist_notice(session.config)
+        for message in [*([notice] if notice else []), *bench.start()]:
             session.config.get_terminal_writer().line(f"llamabench: {message}")
     if not bench.is_worker:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+#: pytest-benchmark options that save, export or compare results: no-ops when it is disabled.
+_BENCHMARK_OUTPUTS = ("save", "autosave", "json", "compare", "compare_fail", "histogram")
+
+
+def _benchmark_under_xdist_notice(config: pytest.Config) -> str | None:
+    """One line when pytest-benchmark output was asked for but xdist disables pytest-benchmark."""
+    under_xdist = config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+    if not under_xdist or not config.pluginmanager.hasplugin("benchmark"):
+        return None
+    given = [f"--benchmark-{name.replace('_', '-')}" for name in _BENCHMARK_OUTPUTS
+             if config.getoption(f"benchmark_{name}", None)]  # fmt: skip
+    if not given:
+        return None
+    return (
+        f"pytest-benchmark is disabled under xdist (-n), so {', '.join(given)} save or compare nothing; "
+        f"the llamabench JSON report and its --llamabench-baseline gate still cover every test"
+    )
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
@@ -228,8 +248,8 @@ class ReportHooks:
             phase.update(outcome=outcome, reason=reason)
         if report.when == "call":
             phase["duration_s"] = round(report.duration, 3)
-        self.session.report.update(report.nodeid, phase)
-        self.session.report.write()
+        if self.session.report.update(report.nodeid, phase) is not None:
+            self.session.report.write()  # only once the test has an outcome
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -256,11 +276,49 @@ class XdistHooks:
 
 
 class BenchmarkHooks:
-    """pytest-benchmark integration: llama.cpp build, model and GPU in machine_info."""
+    """pytest-benchmark integration: host, GPUs and the llama-server build in machine_info.
+
+    pytest-benchmark builds machine_info twice: at configure time to compare (--benchmark-compare),
+    before any server ran, and at the end to save. Only what is the same at both goes in, or every
+    compare warns "machine_info is different" (and pytest-benchmark crashes on that warning when
+    its storage is outside the current directory).
+    """
 
     def pytest_benchmark_update_machine_info(self, config: pytest.Config, machine_info: dict[str, Any]) -> None:
         session = config.stash[SESSION]
-        machine_info[ENTRY] = {**session.fingerprint(), "binary": session.bench.describe_binary()}
+        fingerprint = session.fingerprint()
+        fingerprint["gpus"] = [{k: g[k] for k in _STABLE_GPU_KEYS if k in g} for g in _gpus_now(session)]
+        machine_info[ENTRY] = {**fingerprint, "binary": _binary_if_found(session)}
+
+
+_STABLE_GPU_KEYS = ("index", "name", "uuid", "driver", "cuda", "memory_total_mib")
+
+
+def _gpus_now(session: Session) -> list[dict[str, Any]]:
+    if not session.gpu_status().available:
+        return []
+    from .gpu import snapshot_gpus
+
+    try:
+        return [g.as_dict() for g in snapshot_gpus()]
+    except LlamabenchError:  # a lost GPU: the tests will say so
+        return []
+
+
+def _binary_if_found(session: Session) -> dict[str, Any]:
+    """The llama-server the tests use, resolved now unless that would need a build."""
+    bench = session.bench
+    if not bench.describe_binary():
+        from .build import resolve_server_bin
+
+        settings = bench.settings
+        try:
+            resolve_server_bin(settings.server_bin_candidates, spec=settings.build_spec,
+                               build_if_missing=False, log=bench.log)  # fmt: skip
+            bench.binary()
+        except LlamabenchError:
+            return {}
+    return bench.describe_binary()
 
 
 __all__ = ["llama_server", "llama_workload", "llamabench"]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,16 @@ def pytest_sessionstart(session):
     with open({str(sessions)!r}, "a") as fh:
         fh.write(json.dumps(line) + "\\n")
 """
+
+
+@pytest.fixture
+def recorded(pytester: pytest.Pytester, tmp_path: Path, client: Any) -> Iterator[Path]:
+    """The inner runs' recorder conftest; its file. Afterwards, a safety net: their containers go."""
+    path = tmp_path / "sessions.jsonl"
+    pytester.makeconftest(recorder(path))
+    yield path
+    for run_id in {s["run_id"] for s in inner_sessions(path)}:
+        ct.remove_run_containers(client, run_id)
 
 
 #: The matrix test, plus a marker file once the server is up (for the signal tests).
@@ -136,9 +146,15 @@ def running_containers(client: Any, sessions_path: Path) -> list[Any]:
     return [c for c in containers_with_label(sessions[0]["run_id"], client) if c.status == "running"]
 
 
+#: ``python -m pytest`` that takes Ctrl-C even where this run ignores SIGINT (``cmd &`` in a script).
+_PYTEST_WITH_SIGINT = (
+    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main())"
+)
+
+
 def popen_pytest(pytester: pytest.Pytester, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", *args], cwd=pytester.path,
+        [sys.executable, "-c", _PYTEST_WITH_SIGINT, *args], cwd=pytester.path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -147,10 +163,9 @@ def popen_pytest(pytester: pytest.Pytester, *args: str) -> subprocess.Popen[str]
 
 
 def test_container_config_reports_like_a_local_one(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
-    sessions = tmp_path / "sessions.jsonl"
-    pytester.makeconftest(recorder(sessions))
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path,
+) -> None:  # fmt: skip
     pytester.makepyfile(MATRIX_TEST)
     matrix = write_matrix(f"[configs.local]\n[configs.boxed]\n{BOXED}\n", workloads=TINY)
     result = pytester.runpytest_subprocess(*bench_args(matrix), timeout=300)
@@ -169,17 +184,16 @@ def test_container_config_reports_like_a_local_one(
     for entry in (local, boxed):
         assert entry["outcome"] == "passed"
         assert entry["metrics"]["gen_tok_s"]["median"] > 0
-    run_id = run_id_of(inner_sessions(sessions))
+    run_id = run_id_of(inner_sessions(recorded))
     assert boxed["server"]["container_name"].startswith(f"llamabench-{run_id}-boxed-")
-    assert_no_containers(client, inner_sessions(sessions))
+    assert_no_containers(client, inner_sessions(recorded))
 
 
 def test_container_oom_is_xfail_when_expected_and_an_error_otherwise(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path,
+) -> None:  # fmt: skip
     """64 MiB limit, the ~94 MB model read into memory (load_mode none): the kernel OOM-kills it."""
-    sessions = tmp_path / "sessions.jsonl"
-    pytester.makeconftest(recorder(sessions))
     pytester.makepyfile(MATRIX_TEST)
     boxed = f'{BOXED}\nmemory_limit = "64MiB"\nload_mode = "none"\n'
     matrix = write_matrix(f'[configs.expected]\n{boxed}expect = "oom"\n[configs.unexpected]\n{boxed}', workloads=TINY)
@@ -198,25 +212,28 @@ def test_container_oom_is_xfail_when_expected_and_an_error_otherwise(
         assert entry["failure"]["kind"] == "oom" and entry["failure"]["detail"]["device"] == "host"
         assert "OOM-killed" in entry["failure"]["message"]
         assert entry["server"]["launcher"] == "docker" and entry["server"]["image_id"] == image_id
-    assert_no_containers(client, inner_sessions(sessions))
+    assert_no_containers(client, inner_sessions(recorded))
 
 
 # -- cleanup when the run is cut short -------------------------------------------------------
 
 
+@pytest.mark.parametrize("when", ["starting", "mid-workload"])
 def test_sigint_removes_the_container(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
-    sessions, started = tmp_path / "sessions.jsonl", tmp_path / "started"
-    pytester.makeconftest(recorder(sessions))
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path, when: str,
+) -> None:  # fmt: skip
+    """Ctrl-C as soon as the container runs (the server is loading or just ready), or mid-request."""
+    started = tmp_path / "started"
     pytester.makepyfile(STARTED_TEST.format(started=str(started)))
     matrix = write_matrix(f"[configs.boxed]\n{BOXED}\nctx = 8192\n", workloads=LONG)
     proc = popen_pytest(pytester, *bench_args(matrix))
     try:
-        wait_for("the workload started", started.exists, proc)
-        (running,) = wait_for("the container runs", lambda: running_containers(client, sessions), proc)
-        assert running.name == started.read_text()
-        time.sleep(1.0)  # mid-request
+        (running,) = wait_for("the container runs", lambda: running_containers(client, recorded), proc, timeout=60)
+        if when == "mid-workload":
+            wait_for("the workload started", started.exists, proc)
+            assert running.name == started.read_text()
+            time.sleep(1.0)  # mid-request
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -225,23 +242,22 @@ def test_sigint_removes_the_container(
             proc.wait()
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert "KeyboardInterrupt" in out
-    assert report(tmp_path)["finished"] is True
-    assert_no_containers(client, inner_sessions(sessions))
+    assert_no_containers(client, inner_sessions(recorded))
 
 
 def test_sigkilled_xdist_worker_container_is_removed_by_the_controller(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path,
+) -> None:  # fmt: skip
     """A SIGKILLed worker runs no cleanup: its container lives on until the controller's finish()."""
-    sessions, started = tmp_path / "sessions.jsonl", tmp_path / "started"
-    pytester.makeconftest(recorder(sessions))
+    started = tmp_path / "started"
     pytester.makepyfile(STARTED_TEST.format(started=str(started)))
     matrix = write_matrix(f"[configs.boxed]\n{BOXED}\nctx = 8192\n", workloads=LONG)
     proc = popen_pytest(pytester, *bench_args(matrix), "-n", "1")
     try:
         wait_for("the workload started", started.exists, proc)
-        (running,) = wait_for("the container runs", lambda: running_containers(client, sessions), proc)
-        (worker,) = [s for s in inner_sessions(sessions) if s["worker"]]
+        (running,) = wait_for("the container runs", lambda: running_containers(client, recorded), proc)
+        (worker,) = [s for s in inner_sessions(recorded) if s["worker"]]
         assert running.labels[ct.LABEL_OWNER_PID] == str(worker["pid"])  # the worker started it
         time.sleep(1.0)  # mid-request
         os.kill(worker["pid"], signal.SIGKILL)
@@ -252,33 +268,33 @@ def test_sigkilled_xdist_worker_container_is_removed_by_the_controller(
             proc.wait()
     assert proc.returncode == pytest.ExitCode.TESTS_FAILED, out
     assert "worker 'gw0' crashed while running '" in out and "test_workload[boxed-long]'" in out, out
-    all_sessions = inner_sessions(sessions)
+    all_sessions = inner_sessions(recorded)
     assert [s["worker"] for s in all_sessions].count(False) == 1
     assert_no_containers(client, all_sessions)  # controller and every worker (a replacement too) share the run id
 
 
 def test_sigkilled_session_container_is_swept_by_the_next_session(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path,
+) -> None:  # fmt: skip
     """No process of the crashed run is left to clean up: the next session's sweep removes it."""
-    sessions, started = tmp_path / "sessions.jsonl", tmp_path / "started"
-    pytester.makeconftest(recorder(sessions))
+    started = tmp_path / "started"
     pytester.makepyfile(STARTED_TEST.format(started=str(started)))
     matrix = write_matrix(f"[configs.boxed]\n{BOXED}\nctx = 8192\n", workloads=LONG)
     proc = popen_pytest(pytester, *bench_args(matrix))
     try:
         wait_for("the workload started", started.exists, proc)
-        (running,) = wait_for("the container runs", lambda: running_containers(client, sessions), proc)
+        (running,) = wait_for("the container runs", lambda: running_containers(client, recorded), proc)
         proc.kill()  # SIGKILL: no finalizer, no atexit, no sessionfinish
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    (crashed,) = inner_sessions(sessions)
+    (crashed,) = inner_sessions(recorded)
     try:
         assert [c.id for c in containers_with_label(crashed["run_id"], client)] == [running.id]  # left behind
-        sessions.unlink()
+        recorded.unlink()
         started.unlink()
         pytester.makepyfile(MATRIX_TEST)
         matrix = write_matrix(f"[configs.boxed]\n{BOXED}\n", workloads=TINY)
@@ -286,19 +302,18 @@ def test_sigkilled_session_container_is_swept_by_the_next_session(
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines([f"llamabench: removed * container(s) left by an earlier crashed run: *{running.name}*"])
         assert containers_with_label(crashed["run_id"], client) == []
-        assert_no_containers(client, inner_sessions(sessions))
+        assert_no_containers(client, inner_sessions(recorded))
     finally:
         ct.remove_run_containers(client, crashed["run_id"])
 
 
 def test_session_start_sweeps_leftovers_of_a_crashed_run(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str
-) -> None:
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, client: Any, image_id: str,
+    recorded: Path,
+) -> None:  # fmt: skip
     crashed = uuid.uuid4().hex[:12]
     leftover = _parked(client, image_id, crashed, **{ct.LABEL_OWNER_PID: str(_dead_pid())})
     try:
-        sessions = tmp_path / "sessions.jsonl"
-        pytester.makeconftest(recorder(sessions))
         pytester.makepyfile(MATRIX_TEST)
         matrix = write_matrix(f"[configs.boxed]\n{BOXED}\n", workloads=TINY)
         result = pytester.runpytest_subprocess(*bench_args(matrix), timeout=300)
@@ -307,6 +322,6 @@ def test_session_start_sweeps_leftovers_of_a_crashed_run(
             f"llamabench: removed * container(s) left by an earlier crashed run: *{leftover.name}*",
         ])  # fmt: skip
         assert containers_with_label(crashed, client) == []
-        assert_no_containers(client, inner_sessions(sessions))
+        assert_no_containers(client, inner_sessions(recorded))
     finally:
         ct.remove_run_containers(client, crashed)

@@ -259,6 +259,7 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
     with subprocess.Popen(
         [sys.executable, "-m", "pytest", *bench_args(matrix)], cwd=pytester.path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if our SIGINT is ignored
     ) as proc:  # fmt: skip
         try:
             deadline = time.monotonic() + 180
