@@ -37,6 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except LlamabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION] = session
+    if session.is_worker:  # two workers can run one config (--dist load; loadgroup on pytest 9.2, see
+        # pytest-xdist#1386): each needs its own logs, or a server is found at the other's URL
+        session.bench.settings.log_dir /= str(config.workerinput["workerid"])  # type: ignore[attr-defined]
     if not session.is_worker:
         config.pluginmanager.register(ReportHooks(session), "llamabench-report")
     if config.pluginmanager.hasplugin("xdist"):
