@@ -12,10 +12,10 @@ and ``python -m pytest_llamabench compare`` do. A false regression is an identic
 judged "regressed"; a caught regression is a slow pair judged "regressed".
 
 The slowdown (``--slow``): ``f16`` (default) is the same model requantized to F16 with the
-build's llama-quantize: 2.75x the bytes per token, measured 30-42 % fewer generation tok/s
-at 2 threads here. ``threads1`` (17-30 % here when the box is otherwise idle) flips sign
-when anything else runs: 2 threads on 2 shared cores then collapse (8-15 tok/s) while
-1 thread keeps 50-60. ``f32`` is about half the tok/s. A smaller ubatch changes only
+build's llama-quantize: 2.75x the bytes per token, measured 19-45 % fewer generation tok/s
+(median 31 %, 20 runs) at 2 threads here. ``threads1`` (17-30 % here when the box is
+otherwise idle) flips sign when anything else runs: 2 threads on 2 shared cores then
+collapse (8-15 tok/s) while 1 thread keeps 50-60. ``f32`` is about half the tok/s. A smaller ubatch changes only
 prompt processing, not generation, on this model (measured: no effect at ubatch 8).
 
 The pairs share A (order A, A', B, then A, B, A' on the next pair), so the 20 identical and

@@ -534,7 +534,8 @@ def _parse_fingerprint(data: object, where: str, results: Sequence[Result]) -> F
     return Fingerprint(
         host_cpu=_opt_str(host.get("cpu")),
         gpus=tuple(sorted(_gpu_name(g) for g in gpus)) if isinstance(gpus, list) else None,
-        builds=tuple(sorted(map(str, builds))) if isinstance(builds, list) else (tuple(result_builds) or None),
+        # [] means no server started (every config failed to launch): unknown, not another build
+        builds=(tuple(sorted(map(str, builds))) if isinstance(builds, list) else ()) or tuple(result_builds) or None,
         models={
             str(name): str(m["sha256"])
             for name, m in models.items()

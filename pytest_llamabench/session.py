@@ -197,7 +197,9 @@ class Session:
             self.report.data["gate"] = {
                 "baseline": str(self.gate["baseline_path"]),
                 "regressed": bool(getattr(self.gate_result, "regressed", True)),
-                "summary": self.gate_result.summary() if hasattr(self.gate_result, "summary") else str(self.gate_result),
+                "summary": self.gate_result.summary()
+                if callable(getattr(self.gate_result, "summary", None))
+                else str(self.gate_result),
             }
         self.report.write(finished=True)
         self._write_markdown()
