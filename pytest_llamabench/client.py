@@ -104,7 +104,9 @@ class LlamaClient:
         final: dict[str, Any] = {}
         sent_at = time.perf_counter()
         try:
-            with self._http.stream("POST", path, json=body) as response:
+            # a fresh connection per measured request: a pooled keep-alive connection that the
+            # server has closed shows up as "disconnected without sending a response"
+            with self._http.stream("POST", path, json=body, headers={"Connection": "close"}) as response:
                 if response.status_code != 200:
                     response.read()
                     raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")

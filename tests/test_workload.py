@@ -24,7 +24,9 @@ def server(server_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_completion_samples_are_exact_and_consistent(server: LocalServer) -> None:
     m = run_workload(server, Workload("w", prompt_tokens=24, n_predict=16, repetitions=3, warmup=1))
-    assert len(m.samples) == 3 and m.endpoint == "/completion"
+    assert len(m.samples) == 3
+    # the native stream is used unless it dropped before its first event (seen on GPU and, once, in CI)
+    assert m.endpoint in ("/completion", "/v1/completions")
     assert all(s.predicted_n == 16 and s.prompt_n == 24 and s.cache_n == 0 for s in m.samples)
     metrics = m.metrics()
     # how close the client's rate is to the server's is measured in benchmarks/harness_overhead.py
