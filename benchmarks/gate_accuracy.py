@@ -44,8 +44,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pytest_llamabench.build import BuildSpec, resolve_server_bin
-from pytest_llamabench.compare import (
+from pytest_llamabench.server.build import BuildSpec, resolve_server_bin
+from pytest_llamabench.gate.compare import (
     INCONCLUSIVE,
     MIN_SAMPLES,
     REGRESSED,
@@ -57,9 +57,9 @@ from pytest_llamabench.compare import (
 )
 from pytest_llamabench.config import ServerConfig, Workload, load_matrix
 from pytest_llamabench.errors import LlamabenchError
-from pytest_llamabench.launcher import LocalServer
-from pytest_llamabench.report import SCHEMA_VERSION, host_fingerprint
-from pytest_llamabench.runtime import RunningServer, measure
+from pytest_llamabench.server.launcher import LocalServer
+from pytest_llamabench.results import SCHEMA_VERSION, host_fingerprint
+from pytest_llamabench.bench import RunningServer, measure
 
 REPO = Path(__file__).resolve().parent.parent
 SLOWDOWNS = ("f16", "f32", "threads1")

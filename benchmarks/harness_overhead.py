@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_llamabench.build import BuildSpec, cached_binary, resolve_server_bin
+from pytest_llamabench.server.build import BuildSpec, cached_binary, resolve_server_bin
 from pytest_llamabench.config import Workload, load_matrix
-from pytest_llamabench.launcher import LocalServer
-from pytest_llamabench.modelfile import embedded_model_path
-from pytest_llamabench.workload import run_workload
+from pytest_llamabench.server.launcher import LocalServer
+from pytest_llamabench.model.files import embedded_model_path
+from pytest_llamabench.measure.workload import run_workload
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,16 +14,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .compare import register as _register_compare
-from .errors import LlamabenchError
-from .image import register as _register_docker_image
-from .synth import register as _register_synth_model
+from pytest_llamabench.gate.compare import register as _register_compare
+from pytest_llamabench.errors import LlamabenchError
+from pytest_llamabench.server.image import register as _register_docker_image
+from pytest_llamabench.model.synth import register as _register_synth_model
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _build_server(args: argparse.Namespace) -> int:
-    from .build import BuildSpec, build
+    from pytest_llamabench.server.build import BuildSpec, build
 
     spec = BuildSpec(backend=args.backend, cuda_architectures=args.cuda_arch)
     bin_dir = build(spec, sdist=args.sdist, jobs=args.jobs, force=args.force, log=_log)
@@ -34,7 +34,7 @@ def _build_server(args: argparse.Namespace) -> int:
 def _which_server(args: argparse.Namespace) -> int:
     import os
 
-    from .build import BuildSpec, resolve_server_bin, server_version
+    from pytest_llamabench.server.build import BuildSpec, resolve_server_bin, server_version
 
     path, where = resolve_server_bin(
         [(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")],

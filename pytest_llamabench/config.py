@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pytest_llamabench.errors import ConfigError
 
 #: Structured server keys -> llama-server flag. Order is the argv order.
 SERVER_FLAGS: dict[str, str] = {
@@ -80,7 +80,7 @@ class ModelSpec:
     source: str = ""
 
     def resolve(self) -> Path:
-        from .modelfile import embedded_model_path
+        from pytest_llamabench.model.files import embedded_model_path
 
         if self.path is not None:
             return self.path

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llamabench.build import BuildSpec, resolve_server_bin
-from pytest_llamabench.modelfile import embedded_model_path
+from pytest_llamabench.server.build import BuildSpec, resolve_server_bin
+from pytest_llamabench.model.files import embedded_model_path
 
 pytest_plugins = ["pytester"]
 

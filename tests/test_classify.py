@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from pytest_llamabench.classify import classify_failure
+from pytest_llamabench.server.classify import classify_failure
 from pytest_llamabench.errors import (
     ModelLoadError,
     ServerCrashed,

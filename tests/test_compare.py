@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_llamabench.__main__ import main
-from pytest_llamabench.compare import (
+from pytest_llamabench.gate.compare import (
     IMPROVED,
     INCONCLUSIVE,
     NEW,

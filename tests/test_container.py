@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench import container as ct
+from pytest_llamabench.server import container as ct
 from pytest_llamabench.config import Matrix, ServerConfig, load_matrix
-from pytest_llamabench.container import (
+from pytest_llamabench.server.container import (
     ContainerServer,
     docker_client,
     remove_run_containers,
@@ -28,7 +28,7 @@ from pytest_llamabench.container import (
     sweep_leftovers,
 )
 from pytest_llamabench.errors import BuildError, ConfigError, DockerUnavailable, GpuUnavailable, ServerOutOfMemory
-from pytest_llamabench.image import DEFAULT_TAG, build_local_image, default_binary, parse_ldd
+from pytest_llamabench.server.image import DEFAULT_TAG, build_local_image, default_binary, parse_ldd
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

@@ -26,8 +26,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pytest_llamabench import container as ct
-from pytest_llamabench.image import DEFAULT_TAG
+from pytest_llamabench.server import container as ct
+from pytest_llamabench.server.image import DEFAULT_TAG
 
 from .conftest import MATRIX_TEST
 from .test_container import _dead_pid, _parked, client, containers_with_label, image_id  # noqa: F401 - fixtures

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench.build import server_version
+from pytest_llamabench.server.build import server_version
 
 from .conftest import MATRIX_TEST
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench import ballast as ballast_module
-from pytest_llamabench import gpu
-from pytest_llamabench.ballast import GIB, MIB, VramBallast, fill, format_uuid
+from pytest_llamabench.hardware import ballast as ballast_module
+from pytest_llamabench.hardware import gpu
+from pytest_llamabench.hardware.ballast import GIB, MIB, VramBallast, fill, format_uuid
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
-from pytest_llamabench.gpu import GpuStatus, VramSampler, probe_gpu, require_gpu, snapshot_gpus
+from pytest_llamabench.hardware.gpu import GpuStatus, VramSampler, probe_gpu, require_gpu, snapshot_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_GPU = probe_gpu()
@@ -542,7 +542,7 @@ def test_real_ballast_limits_free_memory_and_gives_it_back() -> None:
 def _free_in_new_process(device_index: int) -> int:
     """cuMemGetInfo's free bytes as a freshly started process sees them."""
     code = (
-        "from pytest_llamabench.ballast import CudaDriver\n"
+        "from pytest_llamabench.hardware.ballast import CudaDriver\n"
         "d = CudaDriver(); d.init(); dev = d.device(%d); ctx = d.retain_primary_context(dev)\n"
         "d.push_context(ctx); print(d.mem_get_info()[0]); d.pop_context(); d.release_primary_context(dev)\n"
     ) % device_index

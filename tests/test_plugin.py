@@ -282,7 +282,7 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
 
 
 def test_gpu_configs_skip_with_a_reason_or_fail_when_required(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:
-    from pytest_llamabench.gpu import probe_gpu
+    from pytest_llamabench.hardware.gpu import probe_gpu
 
     if probe_gpu().available:
         pytest.skip("this machine has a GPU: the no-GPU paths are exercised where there is none (CI)")

@@ -19,9 +19,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from pytest_llamabench import synth
+from pytest_llamabench.model import synth
 from pytest_llamabench.errors import ConfigError
-from pytest_llamabench.modelfile import verify_model
+from pytest_llamabench.model.files import verify_model
 
 TINY = [(shape, quant) for shape in ("tiny-qwen3moe", "tiny-qwen35moe") for quant in synth.RECIPES]
 

@@ -9,8 +9,8 @@ import pytest
 
 from pytest_llamabench.config import Workload, load_matrix
 from pytest_llamabench.errors import RequestFailed
-from pytest_llamabench.launcher import LocalServer
-from pytest_llamabench.workload import run_workload
+from pytest_llamabench.server.launcher import LocalServer
+from pytest_llamabench.measure.workload import run_workload
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from .config import parse_size
-from .errors import ConfigError
+from pytest_llamabench.config import parse_size
+from pytest_llamabench.errors import ConfigError
 
 
 def _size(value: str) -> int:
@@ -26,7 +26,7 @@ def _size(value: str) -> int:
 
 
 def _tolerance(value: str) -> Any:
-    from .compare import parse_tolerance
+    from pytest_llamabench.gate.compare import parse_tolerance
 
     return parse_tolerance(value)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-from .errors import ConfigError, GpuUnavailable
+from pytest_llamabench.errors import ConfigError, GpuUnavailable
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .build import BuildSpec, resolve_server_bin, server_version
-from .config import ServerConfig, Thresholds, Workload
-from .errors import LlamabenchError, ThresholdNotMet
-from .launcher import LocalServer, Server
-from .workload import Measurement, Runner, run_workload
+from pytest_llamabench.server.build import BuildSpec, resolve_server_bin, server_version
+from pytest_llamabench.config import ServerConfig, Thresholds, Workload
+from pytest_llamabench.errors import LlamabenchError, ThresholdNotMet
+from pytest_llamabench.server.launcher import LocalServer, Server
+from pytest_llamabench.measure.workload import Measurement, Runner, run_workload
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ class Bench:
 
     def make_server(self, config: ServerConfig) -> Server:
         if config.image:
-            from .container import ContainerServer
+            from pytest_llamabench.server.container import ContainerServer
 
             return ContainerServer(
                 config, log_dir=self.settings.log_dir, run_id=self.settings.run_id, api_key=self.settings.api_key
@@ -94,13 +94,13 @@ class Bench:
         with contextlib.ExitStack() as stack:
             ballast = None
             if budget:
-                from .ballast import VramBallast
+                from pytest_llamabench.hardware.ballast import VramBallast
 
                 ballast = stack.enter_context(VramBallast(budget))
             server = self.make_server(config)
             vram = None
             if config.gpu:
-                from .gpu import VramSampler
+                from pytest_llamabench.hardware.gpu import VramSampler
 
                 vram = stack.enter_context(VramSampler(server.pids))
             try:

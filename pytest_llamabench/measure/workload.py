@@ -19,11 +19,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .client import StreamResult
-from .config import Workload
-from .errors import MeasurementInvalid, RequestFailed
-from .launcher import Server
-from .stats import percentile, summarize
+from pytest_llamabench.server.client import StreamResult
+from pytest_llamabench.config import Workload
+from pytest_llamabench.errors import MeasurementInvalid, RequestFailed
+from pytest_llamabench.server.launcher import Server
+from pytest_llamabench.measure.stats import percentile, summarize
 
 #: Deterministic source text for prompts; repeated as needed, then cut to exact token counts.
 CORPUS = (

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
 from typing import Any
 
-from .errors import GpuUnavailable
+from pytest_llamabench.errors import GpuUnavailable
 
 MIB = 1024 * 1024
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import BuildError, ConfigError
+from pytest_llamabench.errors import BuildError, ConfigError
 
 #: The pinned source: llama-cpp-python's sdist vendors llama.cpp (commit 0c1e570).
 SOURCE_PACKAGE = "llama-cpp-python"

@@ -33,8 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ConfigError
-from .stats import higher_is_better, percentile
+from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.measure.stats import higher_is_better, percentile
 
 REGRESSED = "regressed"
 IMPROVED = "improved"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import signal
 
-from .errors import (
+from pytest_llamabench.errors import (
     ModelLoadError,
     ServerCrashed,
     ServerExited,

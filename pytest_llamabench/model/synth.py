@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from pytest_llamabench.errors import ConfigError
 
 if TYPE_CHECKING:
     import gguf
@@ -386,7 +386,7 @@ def _source_vocab(source: Path | None = None) -> Vocab:
     the real Qwen2/Qwen3 tokenizer) or, by default, the embedded SmolLM2 model (ChatML tokens)."""
     from gguf import GGUFReader
 
-    from .modelfile import embedded_model_path
+    from pytest_llamabench.model.files import embedded_model_path
 
     reader = GGUFReader(source or embedded_model_path(TOKENIZER_SOURCE, where="synth-model"), "r")
 
@@ -598,7 +598,7 @@ def write_synthetic_model(
     Written to ``PATH.partial`` and renamed when complete; its sha256, computed while
     writing, goes into the project's sha256 cache so verifying it later costs no re-read.
     """
-    from .modelfile import record_file_sha256
+    from pytest_llamabench.model.files import record_file_sha256
 
     model, recipe = get_shape(shape), get_recipe(quant)
     plans = plan_tensors(model, recipe.name)
@@ -753,7 +753,7 @@ def _human(nbytes: int) -> str:
 
 
 def default_out_dir() -> Path:
-    from .build import cache_root
+    from pytest_llamabench.server.build import cache_root
 
     return cache_root() / "synthetic-models"
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from pytest_llamabench import __version__
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema") / "report.schema.json"
@@ -40,7 +40,7 @@ def host_fingerprint() -> dict[str, Any]:
                     flags = [f for f in line.split(":", 1)[1].split() if f in ("avx", "avx2", "fma", "f16c", "avx512f")]
     except OSError:
         pass
-    from .modelfile import host_memory_bytes
+    from pytest_llamabench.model.files import host_memory_bytes
 
     return {
         "cpu": cpu,

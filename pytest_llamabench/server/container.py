@@ -29,11 +29,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .classify import classify_failure
-from .config import ServerConfig
-from .errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
-from .image import DEFAULT_TAG
-from .launcher import Server, process_peak_rss_mib
+from pytest_llamabench.server.classify import classify_failure
+from pytest_llamabench.config import ServerConfig
+from pytest_llamabench.errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
+from pytest_llamabench.server.image import DEFAULT_TAG
+from pytest_llamabench.server.launcher import Server, process_peak_rss_mib
 
 try:
     import docker

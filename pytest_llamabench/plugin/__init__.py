@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from . import options as opts
-from .config import ServerConfig, Workload
-from .errors import LlamabenchError, ServerOutOfMemory
-from .report import outcome_of
-from .runtime import RunningServer, check_thresholds, measure
-from .session import Session
+from pytest_llamabench.plugin import options as opts
+from pytest_llamabench.config import ServerConfig, Workload
+from pytest_llamabench.errors import LlamabenchError, ServerOutOfMemory
+from pytest_llamabench.results import outcome_of
+from pytest_llamabench.bench import RunningServer, check_thresholds, measure
+from pytest_llamabench.plugin.run import Session
 
 SESSION = pytest.StashKey[Session]()
 ENTRY = "llamabench"  # user_properties key: a builtin-typed result entry
@@ -300,7 +300,7 @@ _STABLE_GPU_KEYS = ("index", "name", "uuid", "driver", "cuda", "memory_total_mib
 def _gpus_now(session: Session) -> list[dict[str, Any]]:
     if not session.gpu_status().available:
         return []
-    from .gpu import snapshot_gpus
+    from pytest_llamabench.hardware.gpu import snapshot_gpus
 
     try:
         return [g.as_dict() for g in snapshot_gpus()]
@@ -312,7 +312,7 @@ def _binary_if_found(session: Session) -> dict[str, Any]:
     """The llama-server the tests use, resolved now unless that would need a build."""
     bench = session.bench
     if not bench.describe_binary():
-        from .build import resolve_server_bin
+        from pytest_llamabench.server.build import resolve_server_bin
 
         settings = bench.settings
         try:

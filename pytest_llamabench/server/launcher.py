@@ -25,11 +25,11 @@ from typing import Any
 
 import httpx
 
-from .classify import classify_failure
-from .client import LlamaClient
-from .config import HostMemoryContext, ServerConfig
-from .errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
-from .modelfile import ModelInfo, ctx_for_host_memory, verify_model
+from pytest_llamabench.server.classify import classify_failure
+from pytest_llamabench.server.client import LlamaClient
+from pytest_llamabench.config import HostMemoryContext, ServerConfig
+from pytest_llamabench.errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
+from pytest_llamabench.model.files import ModelInfo, ctx_for_host_memory, verify_model
 
 #: Environment variables llama-server reads as defaults; stripped unless the config sets them.
 _STRIPPED_ENV = re.compile(r"^(LLAMA_ARG_\w+|LLAMA_SERVER_DEBUG_FAKE_TIMING|LLAMA_API_KEY)$")

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from . import options
-from .build import BuildSpec
-from .config import Matrix, ServerConfig, Workload, load_matrix
-from .errors import ConfigError, LlamabenchError
-from .report import Report, host_fingerprint
-from .runtime import Bench, BenchSettings
-from .table import build_rows, render
+from pytest_llamabench.plugin import options
+from pytest_llamabench.server.build import BuildSpec
+from pytest_llamabench.config import Matrix, ServerConfig, Workload, load_matrix
+from pytest_llamabench.errors import ConfigError, LlamabenchError
+from pytest_llamabench.results import Report, host_fingerprint
+from pytest_llamabench.bench import Bench, BenchSettings
+from pytest_llamabench.outputs.table import build_rows, render
 
 
 class Session:
@@ -81,7 +81,7 @@ class Session:
         gate = None
         baseline, baseline_where = options.path_value(config, "baseline")
         if baseline is not None:
-            from .compare import Tolerances, load_report
+            from pytest_llamabench.gate.compare import Tolerances, load_report
 
             gate = {
                 "baseline": load_report(baseline),
@@ -124,7 +124,7 @@ class Session:
 
     @cache  # noqa: B019 - one probe per session object
     def gpu_status(self) -> Any:
-        from .gpu import probe_gpu
+        from pytest_llamabench.hardware.gpu import probe_gpu
 
         return probe_gpu()
 
@@ -147,7 +147,7 @@ class Session:
         """Controller only: sweep leftovers, snapshot GPUs, open the report."""
         messages = []
         if self.gpu_status().available:
-            from .gpu import snapshot_gpus
+            from pytest_llamabench.hardware.gpu import snapshot_gpus
 
             self._gpus_at_start = [g.as_dict() for g in snapshot_gpus()]
         if self.matrix is not None and any(c.image for c in self.matrix.configs.values()):
@@ -160,7 +160,7 @@ class Session:
 
     def _sweep_containers(self) -> list[str]:
         try:
-            from .container import docker_client, sweep_leftovers
+            from pytest_llamabench.server.container import docker_client, sweep_leftovers
 
             removed = sweep_leftovers(docker_client(), exclude_run_id=self.bench.settings.run_id)
         except LlamabenchError:
@@ -171,7 +171,7 @@ class Session:
         """Controller only: final report write, GPU end state, gate. True if the gate failed."""
         if self.matrix is not None and any(c.image for c in self.matrix.configs.values()):
             try:
-                from .container import docker_client, remove_run_containers
+                from pytest_llamabench.server.container import docker_client, remove_run_containers
 
                 remove_run_containers(docker_client(), self.bench.settings.run_id)
             except LlamabenchError:
@@ -179,12 +179,12 @@ class Session:
         if self.report is None or (not self.report.results and self.gate is None):
             return False
         if self._gpus_at_start:
-            from .gpu import snapshot_gpus
+            from pytest_llamabench.hardware.gpu import snapshot_gpus
 
             self.report.data["fingerprint"]["gpus_at_end"] = [g.as_dict() for g in snapshot_gpus()]
         self.report.data["binary"] = self.bench.describe_binary() or None
         if self.gate is not None:
-            from .compare import compare, parse_report
+            from pytest_llamabench.gate.compare import compare, parse_report
 
             try:
                 self.gate_result = compare(

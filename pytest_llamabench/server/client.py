@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from .errors import RequestFailed
+from pytest_llamabench.errors import RequestFailed
 
 
 @dataclasses.dataclass
