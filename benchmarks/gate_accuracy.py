@@ -6,8 +6,8 @@ For each of N pairs, a fresh server runs the same workload (R repetitions after 
 * A'  the same config again, a fresh server: "identical" pair A vs A';
 * B   a real slowdown of the same config: "slow" pair A vs B.
 
-Each side becomes an in-memory report (the shape ``compare.parse_report`` reads) and
-``compare.compare`` judges it with the default tolerances, as ``--llamabench-baseline``
+Each side becomes an in-memory ``results.RunReport`` and ``gate.compare`` judges it
+with the default tolerances, as ``--llamabench-baseline``
 and ``python -m pytest_llamabench compare`` do. A false regression is an identical pair
 judged "regressed"; a caught regression is a slow pair judged "regressed".
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import statistics
@@ -45,20 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from pytest_llamabench.server.build import BuildSpec, resolve_server_bin
-from pytest_llamabench.gate.compare import (
-    INCONCLUSIVE,
-    MIN_SAMPLES,
-    REGRESSED,
-    Comparison,
-    Report,
-    compare,
-    min_repetitions,
-    parse_report,
-)
+from pytest_llamabench.gate import INCONCLUSIVE, MIN_SAMPLES, REGRESSED, Comparison, compare, min_repetitions
 from pytest_llamabench.config import ServerConfig, Workload, load_matrix
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.launcher import LocalServer
-from pytest_llamabench.results import SCHEMA_VERSION, host_fingerprint
+from pytest_llamabench.hardware.host import host_fingerprint
+from pytest_llamabench.metrics import GEN_TOK_S
+from pytest_llamabench.results import ResultEntry, RunReport, Summary
 from pytest_llamabench.bench import RunningServer, measure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,12 +66,16 @@ class Run:
 
     name: str
     pair: int
-    entry: dict[str, Any]
+    entry: ResultEntry
     wall_s: float
     load_1m: float
 
-    def median(self, metric: str = "gen_tok_s") -> float:
-        return float(self.entry["metrics"][metric]["median"])
+    def median(self, metric: str = GEN_TOK_S.name) -> float:
+        value = self.entry.median(metric)
+        return math.nan if value is None else value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "entry": self.entry.as_dict()}
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -138,8 +136,9 @@ def requantize(binary: Path, model: Path, kind: str, workdir: Path) -> Path:
 def run_server(name: str, pair: int, config: ServerConfig, workload: Workload, binary: Path, logs: Path) -> Run:
     started = time.monotonic()
     with LocalServer(config, binary=binary, log_dir=logs) as server:
-        _, entry = measure(RunningServer(server), workload)
-    return Run(name, pair, {**entry, "outcome": "passed"}, time.monotonic() - started, os.getloadavg()[0])
+        entry = measure(RunningServer(server), workload)
+    entry.outcome = "passed"
+    return Run(name, pair, entry, time.monotonic() - started, os.getloadavg()[0])
 
 
 def judge(base: Run, new: Run, alpha: float, first: int | None = None) -> Comparison:
@@ -147,12 +146,11 @@ def judge(base: Run, new: Run, alpha: float, first: int | None = None) -> Compar
     return compare(as_report(base, first), as_report(new, first), alpha=alpha, fingerprint="warn")
 
 
-def as_report(run: Run, first: int | None) -> Report:
-    entry = dict(run.entry)
+def as_report(run: Run, first: int | None) -> RunReport:
+    entry = run.entry
     if first is not None:
-        entry["metrics"] = {m: {**v, "samples": v["samples"][:first]} for m, v in entry["metrics"].items()}
-    data = {"schema_version": SCHEMA_VERSION, "finished": True, "fingerprint": {"host": HOST}, "results": [entry]}
-    return parse_report(data, source=f"{run.name}#{run.pair}")
+        entry = dataclasses.replace(entry, metrics={m: Summary(s.samples[:first]) for m, s in entry.metrics.items()})
+    return RunReport(fingerprint={"host": HOST}, results=[entry], finished=True, source=f"{run.name}#{run.pair}")
 
 
 # -- summary -------------------------------------------------------------------------------------------
@@ -189,7 +187,7 @@ def describe_pairs(kind: str, rows: list[dict[str, Any]]) -> str:
 
 def ratio_line(kind: str, pairs: list[tuple[Run, Run]]) -> str:
     ratios = sorted(new.median() / base.median() for base, new in pairs)
-    return (f"  gen_tok_s ratio new/base, {kind}: median {statistics.median(ratios):.3f}, "
+    return (f"  {GEN_TOK_S} ratio new/base, {kind}: median {statistics.median(ratios):.3f}, "
             f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")  # fmt: skip
 
 
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "host": HOST,
                                          "wall_s": wall, "pairs": rows,
-                                         "runs": [dataclasses.asdict(r) for r in runs]}, indent=1))  # fmt: skip
+                                         "runs": [r.as_dict() for r in runs]}, indent=1))  # fmt: skip
         print(f"rows: {args.json}")
     return 0 if goal_met(rows, args.pairs) else 1
 

@@ -30,6 +30,7 @@ from pytest_llamabench.config import Workload, load_matrix
 from pytest_llamabench.server.launcher import LocalServer
 from pytest_llamabench.model.files import embedded_model_path
 from pytest_llamabench.measure.workload import run_workload
+from pytest_llamabench.metrics import CLIENT_GEN_TOK_S, GEN_TOK_S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,8 +48,9 @@ def client_vs_server(binary: Path, n_predict: int, reps: int) -> dict[str, Any]:
         measurement = run_workload(server, workload)
         wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     metrics = measurement.metrics()
-    server_tps, client_tps = metrics["gen_tok_s"]["median"], metrics["client_gen_tok_s"]["median"]
-    diffs = [abs(c - s) / s * 100 for c, s in zip(metrics["client_gen_tok_s"]["samples"], metrics["gen_tok_s"]["samples"])]
+    server, client = metrics[GEN_TOK_S.name], metrics[CLIENT_GEN_TOK_S.name]
+    server_tps, client_tps = server.median, client.median
+    diffs = [abs(c - s) / s * 100 for c, s in zip(client.samples, server.samples)]
     return {
         "server_gen_tok_s": server_tps,
         "client_gen_tok_s": client_tps,

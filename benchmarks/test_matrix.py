@@ -13,5 +13,5 @@ from pytest_llamabench.config import Workload
 
 
 def test_workload(llama_server: Any, llama_workload: Workload, llamabench: Any) -> None:
-    measurement = llamabench(llama_server, llama_workload)
-    assert measurement.samples, "no repetitions were measured"
+    result = llamabench(llama_server, llama_workload)
+    assert result.samples("gen_tok_s"), "no repetitions were measured"

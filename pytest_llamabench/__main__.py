@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pytest_llamabench.gate.compare import register as _register_compare
+from pytest_llamabench.gate.cli import register as _register_compare
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.image import register as _register_docker_image
 from pytest_llamabench.model.synth import register as _register_synth_model

@@ -15,16 +15,18 @@ Every error names the file and the dotted key and says how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import os
 import re
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_llamabench.config_toml import Table as _Table
+from pytest_llamabench.config_toml import read_toml as _read_toml
 from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.measure.kinds import KINDS
+from pytest_llamabench.metrics import THRESHOLDS
 
 #: Structured server keys -> llama-server flag. Order is the argv order.
 SERVER_FLAGS: dict[str, str] = {
@@ -50,7 +52,7 @@ _ON_OFF = ("on", "off")
 _ON_OFF_AUTO = ("on", "off", "auto")
 _LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
 _EXPECT = ("oom",)
-_WORKLOAD_KINDS = ("completion", "chat")
+_WORKLOAD_KINDS = tuple(KINDS)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -90,36 +92,32 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Limits a measurement must meet; ``source`` says where they were set."""
+    """Limits a measurement must meet, by threshold key (``metrics.THRESHOLDS``); ``source``
+    says where they were set."""
 
-    min_gen_tok_s: float | None = None
-    min_prompt_tok_s: float | None = None
-    max_ttft_ms: float | None = None
-    max_rss_mib: float | None = None
-    max_vram_mib: float | None = None
+    limits: Mapping[str, float] = dataclasses.field(default_factory=dict)
     source: str = ""
+
+    @classmethod
+    def of(cls, source: str = "", **limits: float | None) -> Thresholds:
+        """From keyword limits (a marker's kwargs); an unknown key is a ConfigError naming ``source``."""
+        unknown = sorted(set(limits) - set(THRESHOLD_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown threshold {', '.join(unknown)}; known: {', '.join(THRESHOLD_KEYS)}"
+            )
+        return cls({k: float(v) for k, v in limits.items() if v is not None}, source)
 
     def merged(self, other: Thresholds) -> Thresholds:
         """``other``'s values win where set."""
-        values = {
-            f.name: getattr(other, f.name)
-            if getattr(other, f.name) is not None
-            else getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "source"
-        }
         source = ", ".join(s for s in (self.source, other.source) if s)
-        return Thresholds(**values, source=source)
+        return Thresholds({**self.limits, **other.limits}, source)
 
     def items(self) -> list[tuple[str, float]]:
-        return [
-            (f.name, getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "source" and getattr(self, f.name) is not None
-        ]
+        return [(k, self.limits[k]) for k in THRESHOLD_KEYS if k in self.limits]
 
 
-THRESHOLD_KEYS = tuple(f.name for f in dataclasses.fields(Thresholds) if f.name != "source")
+THRESHOLD_KEYS = tuple(THRESHOLDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +159,15 @@ class ServerConfig:
     memory_limit: int | None = None
     vram_budget: int | None = None
     ready_timeout_s: float = 120.0
+    restarts: int = 1  # fresh servers per config: the server start is the experimental unit
+    start: int = 0  # which of them this is (1..restarts), 0 before the matrix is expanded
     thresholds: Mapping[str, Thresholds] = dataclasses.field(default_factory=dict)
     source: str = ""
+
+    @property
+    def instance(self) -> str:
+        """This server start's name: ``C7``, or ``C7@2`` for the second of several starts."""
+        return f"{self.name}@{self.start}" if self.restarts > 1 else self.name
 
     def thresholds_for(self, workload: str) -> Thresholds:
         base = self.thresholds.get("*", Thresholds())
@@ -202,6 +207,18 @@ class Matrix:
         return [self.workloads[n] for n in _select(self.workloads, patterns, where, "workload")]
 
 
+def expand_starts(configs: Sequence[ServerConfig], restarts: int | None = None) -> list[ServerConfig]:
+    """Each config once per fresh server start, interleaved (A@1 B@1 A@2 B@2, never A A B B) so
+    that drift of the host hits every config alike. ``restarts`` (an option) overrides the configs'."""
+    counts = {c.name: restarts or c.restarts for c in configs}
+    return [
+        dataclasses.replace(c, restarts=counts[c.name], start=start)
+        for start in range(1, max(counts.values(), default=0) + 1)
+        for c in configs
+        if start <= counts[c.name]
+    ]
+
+
 def _select(known: Mapping[str, object], patterns: Sequence[str], where: str, what: str) -> list[str]:
     if not patterns:
         return list(known)
@@ -219,67 +236,10 @@ def _select(known: Mapping[str, object], patterns: Sequence[str], where: str, wh
 # -- loading ------------------------------------------------------------------------
 
 
-class _Table:
-    """A TOML table that remembers where it came from, for error messages."""
-
-    def __init__(self, data: Mapping[str, Any], where: str) -> None:
-        self.data = data
-        self.where = where
-
-    def at(self, key: str) -> str:
-        return f"{self.where}.{key}" if not self.where.endswith(":") else f"{self.where}{key}"
-
-    def check_keys(self, allowed: Iterable[str]) -> None:
-        allowed = list(allowed)
-        for key in self.data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key.replace("-", "_"), allowed, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(
-                    f"{self.at(key)}: unknown key; {hint}allowed keys: {', '.join(allowed)}"
-                )
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            ok, value = True, float(value)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.at(key)}: expected {names}, got {type(value).__name__} {value!r}")
-        return value
-
-    def choice(self, key: str, choices: Sequence[str]) -> str | None:
-        value: str | None = self.get(key, str)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{self.at(key)}: {value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def positive_int(self, key: str, default: int | None = None, minimum: int = 1) -> int | None:
-        value: int | None = self.get(key, int, default)
-        if value is not None and value < minimum:
-            raise ConfigError(f"{self.at(key)}: must be an integer >= {minimum}, got {value}")
-        return value
-
-    def table(self, key: str) -> _Table:
-        return _Table(self.get(key, dict, {}), self.at(key))
-
-    def str_list(self, key: str) -> tuple[str, ...]:
-        value = self.get(key, (list, str), [])
-        items = [value] if isinstance(value, str) else value
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise ConfigError(f"{self.at(key)}[{i}]: expected a string, got {item!r}")
-        return tuple(items)
-
-
 _SERVER_KEYS = (*SERVER_FLAGS, "override_tensor", "args", "env")
 _CONFIG_KEYS = (
     "extends", "model", "description", "gpu", "marks", "expect", "image", "memory_limit",
-    "vram_budget", "ready_timeout_s", "thresholds", *_SERVER_KEYS,
+    "vram_budget", "ready_timeout_s", "thresholds", "restarts", *_SERVER_KEYS,
 )  # fmt: skip
 
 
@@ -336,8 +296,7 @@ def _thresholds(table: _Table) -> dict[str, Thresholds]:
             continue
         sub = _Table(data, where)
         sub.check_keys(THRESHOLD_KEYS)
-        values = {k: sub.get(k, float) for k in THRESHOLD_KEYS}
-        out[name] = Thresholds(**values, source=where)
+        out[name] = Thresholds.of(where, **{k: sub.get(k, float) for k in THRESHOLD_KEYS})
     return out
 
 
@@ -389,16 +348,6 @@ def _model(name: str, table: _Table, base_dir: Path, models_dir: Path | None) ->
         size=table.positive_int("size"),
         source=table.where,
     )
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: matrix file not found; check --llamabench-matrix") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
 def load_matrix(paths: Sequence[Path], *, models_dir: Path | None = None) -> Matrix:
@@ -495,6 +444,9 @@ def _config(name: str, table: _Table, models: Mapping[str, ModelSpec]) -> Server
     timeout = table.get("ready_timeout_s", float, 120.0)
     if timeout <= 0:
         raise ConfigError(f"{table.at('ready_timeout_s')}: must be > 0")
+    restarts = table.get("restarts", int, 1)
+    if restarts < 1:
+        raise ConfigError(f"{table.at('restarts')}: {restarts} fresh servers cannot be measured; use restarts >= 1")
     return ServerConfig(
         name=name,
         model=models[model_name],
@@ -510,6 +462,7 @@ def _config(name: str, table: _Table, models: Mapping[str, ModelSpec]) -> Server
         memory_limit=parse_size(memory_limit, table.at("memory_limit")) if memory_limit else None,
         vram_budget=parse_size(vram_budget, table.at("vram_budget")) if vram_budget else None,
         ready_timeout_s=timeout,
+        restarts=restarts,
         thresholds=_thresholds(table.table("thresholds")),
         source=table.where,
     )

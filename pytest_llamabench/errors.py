@@ -140,6 +140,10 @@ class RequestFailed(LlamabenchError):
     kind = "request-failed"
 
 
+class StreamDroppedEarly(RequestFailed):
+    """The stream closed before its first event while the server lived (seen with a CUDA build)."""
+
+
 class MeasurementInvalid(LlamabenchError):
     """A run did not do the work it was asked to (token counts, cache reuse)."""
 

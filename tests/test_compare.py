@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from pytest_llamabench.__main__ import main
-from pytest_llamabench.gate.compare import (
+from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.gate import (
     IMPROVED,
     INCONCLUSIVE,
     NEW,
@@ -24,7 +25,6 @@ from pytest_llamabench.gate.compare import (
     FingerprintMismatch,
     Tolerance,
     Tolerances,
-    _u_counts,
     bootstrap_ratio_ci,
     compare,
     compare_samples,
@@ -32,10 +32,12 @@ from pytest_llamabench.gate.compare import (
     mann_whitney_u,
     min_exact_p,
     min_repetitions,
-    parse_report,
     parse_tolerance,
+    render,
 )
-from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.gate.fingerprint import Fingerprint
+from pytest_llamabench.gate.statistics import _u_counts
+from pytest_llamabench.results import RunReport
 
 FAST = [66.0, 66.5, 65.8, 66.1, 66.3]
 SLOW = [60.0, 60.5, 59.8, 60.1, 60.3]  # -9% against FAST, no overlap
@@ -81,7 +83,7 @@ def report(*results: dict[str, Any], gpu: str = "NVIDIA H100 80GB HBM3", build: 
 
 
 def run_compare(base: dict[str, Any], new: dict[str, Any], **kwargs: Any) -> Comparison:
-    return compare(parse_report(base, source="base.json"), parse_report(new, source="new.json"), **kwargs)
+    return compare(RunReport.from_dict(base, source="base.json"), RunReport.from_dict(new, source="new.json"), **kwargs)
 
 
 def only(comparison: Comparison, metric: str, config: str = "base") -> Any:
@@ -342,7 +344,7 @@ def test_missing_from_new_report_is_a_regression() -> None:
     row = only(comparison, "outcome", config="C7")
     assert (row.verdict, row.new_outcome) == (REGRESSED, None)
     assert "missing" in row.reason
-    assert "missing" in comparison.render()
+    assert "missing" in render(comparison)
 
 
 def test_outcome_changes_that_are_not_regressions() -> None:
@@ -389,7 +391,7 @@ def test_unfinished_run_is_noted() -> None:
     new = {**report(result(gen_tok_s=FAST)), "finished": False}
     comparison = run_compare(report(result(gen_tok_s=FAST)), new)
     assert comparison.notes == ("new.json is from an unfinished run (finished: false)",)
-    assert "WARNING: new.json is from an unfinished run" in comparison.render()
+    assert "WARNING: new.json is from an unfinished run" in render(comparison)
 
 
 # -- fingerprints -----------------------------------------------------------------
@@ -415,7 +417,7 @@ def test_fingerprint_warn_flags_rows() -> None:
     assert [str(m) for m in comparison.mismatches] == ["configs.base.threads: 2 → 4"]
     flags = {r.config: r.fingerprint_differs for r in comparison.rows}
     assert flags == {"base": True, "C7": False}
-    text = comparison.render()
+    text = render(comparison)
     assert text.startswith("WARNING: fingerprints differ")
     assert "no change*" in text
     assert not comparison.regressed
@@ -424,7 +426,7 @@ def test_fingerprint_warn_flags_rows() -> None:
 def test_same_fingerprint_has_no_mismatches() -> None:
     comparison = run_compare(report(result(gen_tok_s=FAST)), report(result(gen_tok_s=SLOW)))
     assert comparison.mismatches == ()
-    assert "WARNING" not in comparison.render()
+    assert "WARNING" not in render(comparison)
 
 
 # -- loading ----------------------------------------------------------------------
@@ -456,22 +458,23 @@ def test_pytest_benchmark_json(tmp_path: Path) -> None:
     summary_only = _benchmark("test_detok", {})
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(_pytest_benchmark(nested, flat, plain, summary_only)))
-    loaded = load_report(path)
+    loaded = RunReport.load(path)
+    results = loaded.index()
     assert loaded.kind == "pytest-benchmark"
-    assert loaded.fingerprint.host_cpu == "EPYC"
-    assert loaded.results[("base", "short")].samples["gen_tok_s"] == tuple(FAST)
-    assert loaded.results[("base", "short")].threads == 2
-    assert loaded.results[("C7", "short")].samples["gen_tok_s"] == tuple(SLOW)
-    assert loaded.results[("test_tokenize", "long")].samples["time_s"] == (0.010, 0.011, 0.012, 0.010, 0.013)
-    assert loaded.results[("test_detok", "-")].samples["time_s"] == (1.0,)
+    assert Fingerprint.of(loaded).host_cpu == "EPYC"
+    assert results[("base", "short")].samples("gen_tok_s") == tuple(FAST)
+    assert results[("base", "short")].threads == 2
+    assert results[("C7", "short")].samples("gen_tok_s") == tuple(SLOW)
+    assert results[("test_tokenize", "long")].samples("time_s") == (0.010, 0.011, 0.012, 0.010, 0.013)
+    assert results[("test_detok", "-")].samples("time_s") == (1.0,)
 
 
 def test_pytest_benchmark_time_regression() -> None:
-    base = parse_report(_pytest_benchmark(_benchmark("test_tok", {}, data=[1.0, 1.01, 0.99, 1.02, 1.0])))
-    new = parse_report(_pytest_benchmark(_benchmark("test_tok", {}, data=[1.2, 1.21, 1.19, 1.22, 1.18])))
+    base = RunReport.from_dict(_pytest_benchmark(_benchmark("test_tok", {}, data=[1.0, 1.01, 0.99, 1.02, 1.0])))
+    new = RunReport.from_dict(_pytest_benchmark(_benchmark("test_tok", {}, data=[1.2, 1.21, 1.19, 1.22, 1.18])))
     comparison = compare(base, new)
     assert [(r.config, r.metric, r.verdict) for r in comparison.rows] == [("test_tok", "time_s", REGRESSED)]
-    base = parse_report(_pytest_benchmark(_benchmark("test_tok", {})))
+    base = RunReport.from_dict(_pytest_benchmark(_benchmark("test_tok", {})))
     assert "--benchmark-save-data" in compare(base, base).rows[0].reason
 
 
@@ -487,20 +490,30 @@ BAD_SAMPLES = {**result(), "metrics": {"gen_tok_s": {"samples": ["fast"]}}}
         ('{"schema_version": 1, "results": [{"config": "a"}]}', r"results\[0\]: 'config' and 'workload'"),
         (json.dumps(report(BAD_SAMPLES)), r"results\[0\]\.metrics\.gen_tok_s: expected a list"),
         (json.dumps(report(result(outcome="weird"))), r"results\[0\]\.outcome: 'weird'"),
-        (json.dumps(report(result(), result())), "two results for config 'base'"),
     ],
 )
 def test_load_report_errors(tmp_path: Path, content: str, match: str) -> None:
     path = tmp_path / "r.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=match) as info:
+        RunReport.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_report_duplicate_pair(tmp_path: Path) -> None:
+    # RunReport reads a report with a (config, workload) twice; the gate refuses to compare it
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report(result(), result())))
+    with pytest.raises(ConfigError, match="two results for config 'base'") as info:
         load_report(path)
     assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="two results for config 'base'"):
+        compare(RunReport.load(path), RunReport.load(path))
 
 
 def test_load_report_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such report"):
-        load_report(tmp_path / "nope.json")
+        RunReport.load(tmp_path / "nope.json")
 
 
 # -- rendering and CLI ------------------------------------------------------------
@@ -509,7 +522,7 @@ def test_load_report_missing_file(tmp_path: Path) -> None:
 def test_markdown_render() -> None:
     base = report(result(gen_tok_s=FAST), result("C7", gen_tok_s=FAST))
     new = report(result(gen_tok_s=SLOW), result("C7", outcome="xfailed", failure={"kind": "oom", "message": "m"}))
-    text = run_compare(base, new).render("markdown")
+    text = render(run_compare(base, new), "markdown")
     lines = text.splitlines()
     assert "| config | workload | metric | base | new | ratio | p | verdict | note |" in lines
     oom_row = "| C7 | short | outcome | passed | xfailed (oom) | — | — | regressed |"
@@ -517,7 +530,7 @@ def test_markdown_render() -> None:
     assert any(line.startswith("| base | short | gen_tok_s | 66.10 | 60.10 | 0.909 [") for line in lines)
     assert "**2 regressed**" in lines
     with pytest.raises(ValueError):
-        run_compare(base, new).render("html")
+        render(run_compare(base, new), "html")
 
 
 def _write(tmp_path: Path, name: str, data: dict[str, Any]) -> str:

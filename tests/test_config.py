@@ -72,6 +72,7 @@ n_cpu_moe = 32
         ("[configs.a]\nexpect = \"slow\"\n", "m.toml:configs.a.expect: 'slow' is not one of oom"),
         ("[configs.a]\nthresholds = { min_tok_s = 3 }\n", "configs.a.thresholds.min_tok_s: unknown key"),
         ("[configs.a]\nvram_budget = \"lots\"\n", "configs.a.vram_budget: 'lots' is not a size"),
+        ("[configs.a]\nrestarts = 0\n", "m.toml:configs.a.restarts: 0 fresh servers cannot be measured; use restarts >= 1"),
         ("[workloads.w]\nkind = \"completion\"\nturns = 3\n", "workloads.w.turns: only chat workloads have turns"),
     ],
 )
@@ -129,3 +130,11 @@ def test_user_matrix_file_is_valid(tmp_path: Path) -> None:
     assert c7.gpu and c7.server["n_cpu_moe"] == 24 and c7.server["cache_type_k"] == "q8_0"
     assert matrix.configs["C2"].expect == "oom" and matrix.configs["C6"].expect == "oom"
     assert matrix.configs["C1"].override_tensor == ("exps=CPU",)
+
+
+def test_server_starts_are_interleaved_across_configs(tmp_path: Path) -> None:
+    from pytest_llamabench.config import expand_starts
+
+    configs = list(load(tmp_path, "[configs.a]\nrestarts = 3\n[configs.b]\n[configs.c]\nrestarts = 2\n").configs.values())
+    assert [c.instance for c in expand_starts(configs)] == ["a@1", "b", "c@1", "a@2", "c@2", "a@3"]
+    assert [c.instance for c in expand_starts(configs, restarts=2)] == ["a@1", "b@1", "c@1", "a@2", "b@2", "c@2"]

@@ -18,15 +18,10 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench.server import container as ct
+from pytest_llamabench.server import docker as dk
 from pytest_llamabench.config import Matrix, ServerConfig, load_matrix
-from pytest_llamabench.server.container import (
-    ContainerServer,
-    docker_client,
-    remove_run_containers,
-    resolve_image,
-    sweep_leftovers,
-)
+from pytest_llamabench.server.container import ContainerServer, resolve_image
+from pytest_llamabench.server.docker import docker_client, remove_run_containers, sweep_leftovers
 from pytest_llamabench.errors import BuildError, ConfigError, DockerUnavailable, GpuUnavailable, ServerOutOfMemory
 from pytest_llamabench.server.image import DEFAULT_TAG, build_local_image, default_binary, parse_ldd
 
@@ -37,7 +32,7 @@ MIB = 1024 * 1024
 def containers_with_label(run_id: str, client: Any = None) -> list[Any]:
     """Every container (running or not) of pytest-llamabench run ``run_id``."""
     client = client or docker_client()
-    return list(client.containers.list(all=True, filters={"label": [f"{ct.LABEL_RUN_ID}={run_id}"]}))
+    return list(client.containers.list(all=True, filters={"label": [f"{dk.LABEL_RUN_ID}={run_id}"]}))
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -117,8 +112,8 @@ def test_published_on_loopback_only(base_server: ContainerServer, client: Any, r
     (found,) = [c for c in containers_with_label(run_id, client) if c.id == base_server.container_id]
     bindings = found.attrs["HostConfig"]["PortBindings"]["8080/tcp"]
     assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
-    assert found.labels[ct.LABEL_CONFIG] == "base"
-    assert found.labels[ct.LABEL_OWNER_PID] == str(os.getpid())
+    assert found.labels[dk.LABEL_CONFIG] == "base"
+    assert found.labels[dk.LABEL_OWNER_PID] == str(os.getpid())
     assert base_server.base_url is not None and base_server.base_url.startswith("http://127.0.0.1:")
     mounts = found.attrs["Mounts"]
     assert [(m["Destination"], m["RW"]) for m in mounts] == [("/models", False)]
@@ -245,17 +240,17 @@ def _dead_pid() -> int:
 def _parked(client: Any, image_id: str, run: str, **labels: str) -> Any:
     """A created (never started) container with pytest-llamabench labels."""
     return client.containers.create(
-        image_id, ["--version"], name=ct.container_name(run, "parked"),
-        labels={**ct.owner_labels(run, "parked"), **labels},
+        image_id, ["--version"], name=dk.container_name(run, "parked"),
+        labels={**dk.owner_labels(run, "parked"), **labels},
     )  # fmt: skip
 
 
 def test_sweep_removes_containers_of_dead_owners(client: Any, image_id: str) -> None:
     current, crashed, other = (uuid.uuid4().hex[:12] for _ in range(3))
-    dead = _parked(client, image_id, crashed, **{ct.LABEL_OWNER_PID: str(_dead_pid())})
+    dead = _parked(client, image_id, crashed, **{dk.LABEL_OWNER_PID: str(_dead_pid())})
     alive = _parked(client, image_id, other)  # owner: this process, still alive
-    reused = _parked(client, image_id, other, **{ct.LABEL_OWNER_START: "1"})  # this PID, another start time
-    excluded = _parked(client, image_id, current, **{ct.LABEL_OWNER_PID: str(_dead_pid())})
+    reused = _parked(client, image_id, other, **{dk.LABEL_OWNER_START: "1"})  # this PID, another start time
+    excluded = _parked(client, image_id, current, **{dk.LABEL_OWNER_PID: str(_dead_pid())})
     try:
         removed = sweep_leftovers(client, exclude_run_id=current)
         assert dead.name in removed and reused.name in removed

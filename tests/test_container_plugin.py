@@ -26,7 +26,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pytest_llamabench.server import container as ct
+from pytest_llamabench.server import docker as dk
 from pytest_llamabench.server.image import DEFAULT_TAG
 
 from .conftest import MATRIX_TEST
@@ -62,10 +62,10 @@ def recorder(sessions: Path) -> str:
     """An inner conftest: each inner process (controller, xdist workers) appends its PID and run id."""
     return f"""
 import json, os
-from pytest_llamabench.plugin import SESSION
+from pytest_llamabench.plugin import STATE
 
 def pytest_sessionstart(session):
-    bench = session.config.stash[SESSION]
+    bench = session.config.stash[STATE]
     line = {{"pid": os.getpid(), "worker": bench.is_worker, "run_id": bench.bench.settings.run_id}}
     with open({str(sessions)!r}, "a") as fh:
         fh.write(json.dumps(line) + "\\n")
@@ -79,7 +79,7 @@ def recorded(pytester: pytest.Pytester, tmp_path: Path, client: Any) -> Iterator
     pytester.makeconftest(recorder(path))
     yield path
     for run_id in {s["run_id"] for s in inner_sessions(path)}:
-        ct.remove_run_containers(client, run_id)
+        dk.remove_run_containers(client, run_id)
 
 
 #: The matrix test, plus a marker file once the server is up (for the signal tests).
@@ -108,7 +108,7 @@ def assert_no_containers(client: Any, sessions: list[dict[str, Any]]) -> None:
     run_id = run_id_of(sessions)
     left = [c.name for c in containers_with_label(run_id, client)]
     for s in sessions:
-        filters = {"label": [f"{ct.LABEL}=1", f"{ct.LABEL_OWNER_PID}={s['pid']}"]}
+        filters = {"label": [f"{dk.LABEL}=1", f"{dk.LABEL_OWNER_PID}={s['pid']}"]}
         left += [c.name for c in client.containers.list(all=True, filters=filters)]
     assert not left, f"containers outlived the inner run {run_id}: {left}"
 
@@ -258,7 +258,7 @@ def test_sigkilled_xdist_worker_container_is_removed_by_the_controller(
         wait_for("the workload started", started.exists, proc)
         (running,) = wait_for("the container runs", lambda: running_containers(client, recorded), proc)
         (worker,) = [s for s in inner_sessions(recorded) if s["worker"]]
-        assert running.labels[ct.LABEL_OWNER_PID] == str(worker["pid"])  # the worker started it
+        assert running.labels[dk.LABEL_OWNER_PID] == str(worker["pid"])  # the worker started it
         time.sleep(1.0)  # mid-request
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
@@ -304,7 +304,7 @@ def test_sigkilled_session_container_is_swept_by_the_next_session(
         assert containers_with_label(crashed["run_id"], client) == []
         assert_no_containers(client, inner_sessions(recorded))
     finally:
-        ct.remove_run_containers(client, crashed["run_id"])
+        dk.remove_run_containers(client, crashed["run_id"])
 
 
 def test_session_start_sweeps_leftovers_of_a_crashed_run(
@@ -312,7 +312,7 @@ def test_session_start_sweeps_leftovers_of_a_crashed_run(
     recorded: Path,
 ) -> None:  # fmt: skip
     crashed = uuid.uuid4().hex[:12]
-    leftover = _parked(client, image_id, crashed, **{ct.LABEL_OWNER_PID: str(_dead_pid())})
+    leftover = _parked(client, image_id, crashed, **{dk.LABEL_OWNER_PID: str(_dead_pid())})
     try:
         pytester.makepyfile(MATRIX_TEST)
         matrix = write_matrix(f"[configs.boxed]\n{BOXED}\n", workloads=TINY)
@@ -324,4 +324,4 @@ def test_session_start_sweeps_leftovers_of_a_crashed_run(
         assert containers_with_label(crashed, client) == []
         assert_no_containers(client, inner_sessions(recorded))
     finally:
-        ct.remove_run_containers(client, crashed)
+        dk.remove_run_containers(client, crashed)

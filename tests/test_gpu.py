@@ -21,6 +21,8 @@ from pytest_llamabench.hardware import gpu
 from pytest_llamabench.hardware.ballast import GIB, MIB, VramBallast, fill, format_uuid
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
 from pytest_llamabench.hardware.gpu import GpuStatus, VramSampler, probe_gpu, require_gpu, snapshot_gpus
+from pytest_llamabench.hardware.device import Device, select_visible, visible_devices_env
+from pytest_llamabench.hardware.gpu import discover_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_GPU = probe_gpu()
@@ -31,7 +33,13 @@ needs_gpu = pytest.mark.skipif(not REAL_GPU.available, reason=f"needs an NVIDIA 
 
 
 class FakeNVMLError(Exception):
-    _names = {3: "Not Supported", 9: "Driver Not Loaded", 12: "NVML Shared Library Not Found", 15: "GPU is lost"}
+    _names = {
+        3: "Not Supported",
+        6: "Not Found",
+        9: "Driver Not Loaded",
+        12: "NVML Shared Library Not Found",
+        15: "GPU is lost",
+    }
 
     def __init__(self, value: int) -> None:
         super().__init__(value)
@@ -87,6 +95,14 @@ class FakeNvml:
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeDevice:
         self._check()
         return self.devices[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeDevice:
+        self._check()
+        text = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for device in self.devices:
+            if device.uuid == text:
+                return device
+        raise FakeNVMLError(6)
 
     def nvmlSystemGetDriverVersion(self) -> str:
         return "580.95.05"
@@ -473,6 +489,18 @@ def test_ballast_holds_all_but_the_budget(driver: FakeDriver) -> None:
         "held_bytes": 62 * GIB + 122 * MIB,
         "free_after": 8 * GIB + 1 * MIB,
         "chunks": 63,
+        "devices": [
+            {
+                "cuda_ordinal": 0,
+                "name": "Fake H100",
+                "uuid": "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f",
+                "total_bytes": 80 * GIB,
+                "free_before": 70 * GIB + 123 * MIB,
+                "held_bytes": 62 * GIB + 122 * MIB,
+                "free_after": 8 * GIB + 1 * MIB,
+                "chunks": 63,
+            }
+        ],
     }
 
 
@@ -501,6 +529,408 @@ def test_ballast_without_libcuda_says_so() -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(GpuUnavailable, match=r"(?i)libcuda\.so\.1.*install the NVIDIA driver"):
         VramBallast(8 * GIB).acquire()
+
+
+# -- devices: discovery and CUDA_VISIBLE_DEVICES -------------------------------------------------
+
+UUID_A = "GPU-aaaaaaaa-1111-2222-3333-444444444444"
+UUID_B = "GPU-bbbbbbbb-1111-2222-3333-444444444444"
+UUID_B2 = "GPU-bbbbcccc-1111-2222-3333-444444444444"
+
+
+def _three_gpus() -> list[FakeDevice]:
+    return [FakeDevice(uuid=UUID_A), FakeDevice(name="NVIDIA L4", uuid=UUID_B), FakeDevice(uuid=UUID_B2)]
+
+
+def test_discover_all_devices_without_the_variable(install: Any) -> None:
+    fake = install(FakeNvml(_three_gpus()))
+    assert discover_devices({}) == [
+        Device(0, UUID_A, "NVIDIA H100 80GB HBM3"),
+        Device(1, UUID_B, "NVIDIA L4"),
+        Device(2, UUID_B2, "NVIDIA H100 80GB HBM3"),
+    ]
+    assert fake.refs == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "indices"),
+    [
+        ("1", [1]),
+        ("2,0", [2, 0]),  # CUDA's order, not NVML's
+        (" 0 , 2 ", [0, 2]),
+        (UUID_B, [1]),
+        (UUID_B.upper().replace("GPU-", "gpu-"), [1]),
+        ("GPU-aaaa", [0]),  # a unique prefix
+        ("GPU-bbbbc,0", [2, 0]),
+    ],
+)
+def test_discover_follows_cuda_visible_devices(install: Any, value: str, indices: list[int]) -> None:
+    install(FakeNvml(_three_gpus()))
+    assert [d.index for d in discover_devices({"CUDA_VISIBLE_DEVICES": value})] == indices
+
+
+@pytest.mark.parametrize("value", ["", "-1", " -1 "])
+def test_discover_none_visible_needs_no_nvml(install: Any, value: str) -> None:
+    install(FakeNvml([], init_error=12))
+    assert discover_devices({"CUDA_VISIBLE_DEVICES": value}) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "entry", "problem"),
+    [
+        ("0,7", "'7'", "matches no GPU"),
+        ("GPU-ffff", "'GPU-ffff'", "matches no GPU"),
+        ("MIG-aaaa-1", "'MIG-aaaa-1'", "matches no GPU"),
+        ("0,-1", "'-1'", "matches no GPU"),
+        ("0,,1", "''", "matches no GPU"),
+        ("GPU-bbbb", "'GPU-bbbb'", "matches several GPUs"),
+    ],
+)
+def test_discover_bad_entry_names_variable_entry_and_gpus(
+    install: Any, value: str, entry: str, problem: str
+) -> None:
+    install(FakeNvml(_three_gpus()))
+    with pytest.raises(ConfigError) as info:
+        discover_devices({"CUDA_VISIBLE_DEVICES": value})
+    message = str(info.value)
+    assert message.startswith(f"CUDA_VISIBLE_DEVICES={value!r}: entry {entry} {problem}")
+    assert f"0: NVIDIA H100 80GB HBM3 ({UUID_A}); 1: NVIDIA L4 ({UUID_B})" in message
+
+
+def test_discover_rejects_a_gpu_listed_twice(install: Any) -> None:
+    install(FakeNvml(_three_gpus()))
+    with pytest.raises(ConfigError, match=f"entry '{UUID_A}' names {UUID_A} a second time"):
+        discover_devices({"CUDA_VISIBLE_DEVICES": f"0,{UUID_A}"})
+
+
+def test_discover_without_nvml_says_why(install: Any) -> None:
+    install(FakeNvml([], init_error=12))
+    with pytest.raises(GpuUnavailable, match="NVML library not found"):
+        discover_devices({"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def test_discover_reads_os_environ_by_default(install: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(FakeNvml(_three_gpus()))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert [d.uuid for d in discover_devices()] == [UUID_B]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert len(discover_devices()) == 3
+
+
+def test_select_visible_without_nvml() -> None:
+    present = [Device(0, UUID_A), Device(1, UUID_B)]
+    assert select_visible(present, "1,0") == [Device(1, UUID_B), Device(0, UUID_A)]
+    with pytest.raises(ConfigError, match=r"GPUs present .*: none"):
+        select_visible([], "0")
+
+
+def test_visible_devices_env() -> None:
+    assert visible_devices_env([Device(1, UUID_B), Device(0, UUID_A)]) == {
+        "CUDA_VISIBLE_DEVICES": f"{UUID_B},{UUID_A}",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+    assert visible_devices_env([])["CUDA_VISIBLE_DEVICES"] == ""
+
+
+# -- devices: the sampler on chosen devices ----------------------------------------------------------
+
+
+def test_sampler_reads_only_the_chosen_device(install: Any) -> None:
+    a = FakeDevice(uuid=UUID_A, processes=[(100, 3 * GIB)])
+    b = FakeDevice(uuid=UUID_B, used=2 * GIB, processes=[(100, 1 * GIB), (101, 512 * MIB)])
+    fake = install(FakeNvml([a, b]))
+    sampler = VramSampler(lambda: {100, 101}, devices=[Device(1, UUID_B)])
+    assert sampler._open()
+    assert sampler.reason == "sampling 1 device(s)" and sampler.baseline_mib == 2048.0
+    assert sampler.sample_once() == 1536.0  # device a is not counted
+    assert sampler.peak_by_device == {UUID_B: 1536.0}
+    b.processes = [(100, 256 * MIB)]
+    assert sampler.sample_once() == 256.0
+    assert sampler.current_by_device == {UUID_B: 256.0}
+    assert sampler.peak_by_device == {UUID_B: 1536.0}
+    assert sampler.as_dict()["peak_by_device"] == {UUID_B: 1536.0}
+    sampler.stop()
+    assert fake.refs == 0
+
+
+def test_sampler_peaks_per_device(install: Any) -> None:
+    a = FakeDevice(uuid=UUID_A, processes=[(100, 4 * GIB)])
+    b = FakeDevice(uuid=UUID_B, processes=[(100, 1 * GIB)])
+    sampler = _opened(install(FakeNvml([a, b])), {100})
+    assert sampler.sample_once() == 5120.0
+    a.processes, b.processes = [(100, 1 * GIB)], [(100, 2 * GIB)]
+    assert sampler.sample_once() == 3072.0
+    assert sampler.peak_mib == 5120.0  # the sum's peak ...
+    assert sampler.peak_by_device == {UUID_A: 4096.0, UUID_B: 2048.0}  # ... each device's own
+    sampler.reset_peak()
+    assert sampler.peak_by_device == {UUID_A: 1024.0, UUID_B: 2048.0}
+    sampler.stop()
+
+
+def test_sampler_device_delta_per_device(install: Any) -> None:
+    a = FakeDevice(uuid=UUID_A, used=1 * GIB)
+    b = FakeDevice(uuid=UUID_B, used=2 * GIB)
+    sampler = _opened(install(FakeNvml([a, b])), {100})  # PID 100 not in NVML's lists
+    assert sampler.baseline_by_device == {UUID_A: 1024.0, UUID_B: 2048.0}
+    b.used = 5 * GIB
+    assert sampler.sample_once() == 3072.0 and sampler.method == "device-delta"
+    assert sampler.peak_by_device == {UUID_A: 0.0, UUID_B: 3072.0}
+    sampler.stop()
+
+
+def test_sampler_unknown_device_is_unavailable(install: Any) -> None:
+    fake = install(FakeNvml([FakeDevice(uuid=UUID_A)]))
+    with VramSampler(lambda: {1}, devices=[Device(3, UUID_B)]) as sampler:
+        assert not sampler.available
+        assert sampler.reason == f"NVML error: Not Found (looking up {UUID_B})"
+    assert sampler.as_dict()["peak_by_device"] == {}
+    assert fake.refs == 0
+    with VramSampler(lambda: {1}, devices=[]) as sampler:
+        assert not sampler.available and sampler.reason == "no device selected"
+
+
+# -- devices: the ballast on chosen devices -----------------------------------------------------------
+
+
+class FakeCuda:
+    """Stands in for ballast.CudaDriver with several devices: CUdevice = ordinal, context = 0xC0 + ordinal."""
+
+    def __init__(self, uuids: list[str], free: list[int], total: int = 80 * GIB) -> None:
+        self.uuids, self.free, self.total = uuids, list(free), total
+        self.pointers: dict[int, tuple[int, int]] = {}  # pointer -> (device, size)
+        self.next_pointer = 0x7000_0000_0000
+        self.retained = [0] * len(uuids)
+        self.stack: list[int] = []
+        self.fail_free_on: int | None = None  # a device whose cuMemFree fails
+
+    def init(self) -> None:
+        pass
+
+    def device_count(self) -> int:
+        return len(self.uuids)
+
+    def device(self, ordinal: int) -> int:
+        if not 0 <= ordinal < len(self.uuids):
+            raise GpuUnavailable(f"CUDA driver call cuDeviceGet({ordinal}) failed: CUDA_ERROR_INVALID_DEVICE (101)")
+        return ordinal
+
+    def device_name(self, device: int) -> str:
+        return f"Fake GPU {device}"
+
+    def device_uuid(self, device: int) -> str:
+        return self.uuids[device]
+
+    def retain_primary_context(self, device: int) -> int:
+        self.retained[device] += 1
+        return 0xC0 + device
+
+    def release_primary_context(self, device: int) -> None:
+        self.retained[device] -= 1
+
+    def push_context(self, context: int) -> None:
+        self.stack.append(context)
+
+    def pop_context(self) -> None:
+        self.stack.pop()
+
+    def _current(self) -> int:
+        assert len(self.stack) == 1, self.stack
+        return self.stack[0] - 0xC0
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return self.free[self._current()], self.total
+
+    def mem_alloc(self, size: int) -> int | None:
+        device = self._current()
+        if size > self.free[device]:
+            return None
+        self.next_pointer += size
+        self.pointers[self.next_pointer] = (device, size)
+        self.free[device] -= size
+        return self.next_pointer
+
+    def mem_free(self, pointer: int) -> None:
+        device, size = self.pointers[pointer]
+        assert device == self._current(), "freed in another device's context"
+        if device == self.fail_free_on:
+            raise GpuUnavailable("CUDA driver call cuMemFree_v2 failed: CUDA_ERROR_ILLEGAL_ADDRESS (700)")
+        del self.pointers[pointer]
+        self.free[device] += size
+
+
+@pytest.fixture
+def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    fake = FakeCuda([UUID_A, UUID_B, UUID_B2], free=[70 * GIB, 40 * GIB, 60 * GIB])
+    monkeypatch.setattr(ballast_module, "CudaDriver", lambda: fake)
+    return fake
+
+
+def test_ballast_holds_the_budget_on_every_device(cuda: FakeCuda) -> None:
+    devices = [Device(1, UUID_B.upper()), Device(0, UUID_A)]  # matched by UUID, any case, this order
+    with VramBallast(8 * GIB, devices=devices) as ballast:
+        assert cuda.free == [8 * GIB, 8 * GIB, 60 * GIB]  # device 2 untouched
+        assert cuda.retained == [1, 1, 0] and cuda.stack == []
+        assert [(h.ordinal, h.uuid) for h in ballast.holds] == [(1, UUID_B), (0, UUID_A)]
+        assert ballast.device_index == 1 and ballast.device_uuid == UUID_B  # the first one
+        assert ballast.held_bytes == 94 * GIB and ballast.free_after == 16 * GIB  # totals
+    assert cuda.pointers == {} and cuda.free == [70 * GIB, 40 * GIB, 60 * GIB]
+    assert cuda.retained == [0, 0, 0]
+    held: Any = ballast.as_dict()["devices"]
+    assert [(d["cuda_ordinal"], d["held_bytes"], d["free_after"]) for d in held] == [
+        (1, 32 * GIB, 8 * GIB),
+        (0, 62 * GIB, 8 * GIB),
+    ]
+
+
+def test_ballast_device_not_visible_holds_nothing(cuda: FakeCuda) -> None:
+    missing = Device(5, "GPU-ffffffff-0000-0000-0000-000000000000")
+    ballast = VramBallast(8 * GIB, devices=[Device(0, UUID_A), missing])
+    with pytest.raises(GpuUnavailable, match=r"no CUDA device .* has UUID GPU-ffffffff.*CUDA_VISIBLE_DEVICES"):
+        ballast.acquire()
+    assert not ballast.is_held and cuda.retained == [0, 0, 0] and cuda.pointers == {}
+
+
+def test_ballast_failing_on_the_second_device_releases_the_first(cuda: FakeCuda) -> None:
+    ballast = VramBallast(50 * GIB, devices=[Device(0, UUID_A), Device(1, UUID_B)])  # only 40 GiB free on B
+    with pytest.raises(GpuUnavailable, match=r"50.00 GiB is more than the 40.00 GiB free on CUDA device 1 \(Fake"):
+        ballast.acquire()
+    assert not ballast.is_held
+    assert cuda.retained == [0, 0, 0] and cuda.pointers == {} and cuda.free[0] == 70 * GIB
+
+
+def test_ballast_release_failure_still_releases_every_device(cuda: FakeCuda) -> None:
+    cuda.fail_free_on = 0
+    ballast = VramBallast(8 * GIB, devices=[Device(0, UUID_A), Device(1, UUID_B)])
+    with pytest.raises(GpuUnavailable, match="releasing the VRAM ballast failed: .*cuMemFree_v2"):
+        with ballast:
+            pass
+    assert not ballast.is_held
+    assert cuda.retained == [0, 0, 0]  # every context released
+    assert all(device == 0 for device, _ in cuda.pointers.values())  # device 1 freed in full
+    assert cuda.free[1] == 40 * GIB
+
+
+def test_ballast_rejects_empty_or_repeated_devices() -> None:
+    with pytest.raises(ConfigError, match="no device given"):
+        VramBallast(GIB, devices=[])
+    with pytest.raises(ConfigError, match="may be given once"):
+        VramBallast(GIB, devices=[Device(0, UUID_A), Device(0, UUID_A.upper())])
+
+
+# -- devices: servers ------------------------------------------------------------------------------
+
+
+def _gpu_config(**changes: Any) -> Any:
+    from pytest_llamabench.config import ModelSpec, ServerConfig
+
+    model = ModelSpec("m", Path("/models/m.gguf"))
+    return ServerConfig(**{"name": "g", "model": model, "server": {}, "gpu": True, **changes})
+
+
+def test_server_environment_shows_exactly_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_llamabench.server.launcher import server_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    devices = [Device(1, UUID_B), Device(0, UUID_A)]
+    env = server_environment({"OTHER": "1"}, None, devices)
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{UUID_B},{UUID_A}"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["OTHER"] == "1"
+    assert server_environment({}, None)["CUDA_VISIBLE_DEVICES"] == "0"  # None: inherited
+    own = server_environment({"CUDA_VISIBLE_DEVICES": "1"}, None, devices)  # the config's env wins
+    assert own["CUDA_VISIBLE_DEVICES"] == "1" and "CUDA_DEVICE_ORDER" not in own
+
+
+def test_local_server_uses_and_reports_devices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pytest_llamabench.server import launcher
+
+    seen: dict[str, Any] = {}
+
+    class FakePopen:
+        pid = 4242
+
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            seen.update(kwargs)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    server = launcher.LocalServer(
+        _gpu_config(), binary=Path("/bin/llama-server"), log_dir=tmp_path, devices=(Device(1, UUID_B),)
+    )
+    server._launch(Path("/models/m.gguf"))
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == UUID_B
+    assert server.describe()["devices"] == [UUID_B]
+    plain = launcher.LocalServer(_gpu_config(), binary=Path("/bin/llama-server"), log_dir=tmp_path)
+    assert "devices" not in plain.describe()
+
+
+def test_container_requests_the_devices(tmp_path: Path) -> None:
+    docker = pytest.importorskip("docker")
+    from pytest_llamabench.server.container import ContainerServer
+
+    def create_args(devices: Any, **changes: Any) -> dict[str, Any]:
+        config = _gpu_config(image="llama:test", **changes)
+        server = ContainerServer(config, run_id="r1", log_dir=tmp_path, client=object(), devices=devices)
+        server.container_name = "c1"
+        kwargs: dict[str, Any] = server._create_args(Path("/models/m.gguf"))
+        if devices:
+            assert server.describe()["devices"] == [d.uuid for d in devices]
+        return kwargs
+
+    requests = create_args([Device(1, UUID_B), Device(0, UUID_A)])["device_requests"]
+    assert requests == [docker.types.DeviceRequest(device_ids=[UUID_B, UUID_A], capabilities=[["gpu"]])]
+    assert requests[0]["Count"] == 0  # not count=-1: only those
+    assert create_args(None)["device_requests"] == [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    assert create_args([])["device_requests"] == []
+    assert "device_requests" not in create_args([Device(0, UUID_A)], gpu=False)
+
+
+def test_bench_passes_devices_to_servers_ballast_and_sampler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pytest_llamabench.bench import Bench, BenchSettings
+
+    devices = (Device(1, UUID_B),)
+    bench = Bench(BenchSettings(log_dir=tmp_path, server_bin_candidates=[], devices=devices), log=lambda _: None)
+    bench._binary = (Path("/bin/llama-server"), "test", "version: 1")
+    assert bench.make_server(_gpu_config()).devices == devices
+    assert bench.make_server(_gpu_config(image="llama:test")).devices == devices
+    assert bench.make_server(_gpu_config(gpu=False)).devices is None  # CPU configs: as before
+
+    made: dict[str, Any] = {}
+
+    class Recorder:
+        def __init__(self, *args: Any, devices: Any = None) -> None:
+            made.setdefault("devices", []).append(devices)
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    class NoServer:
+        pids = staticmethod(lambda: set())
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(ballast_module, "VramBallast", Recorder)
+    monkeypatch.setattr(gpu, "VramSampler", Recorder)
+    monkeypatch.setattr(bench, "make_server", lambda config: NoServer())
+    with bench.launch(_gpu_config(vram_budget=GIB)):
+        pass
+    assert made["devices"] == [devices, devices]  # ballast, then sampler
+
+    bench.settings.devices = ()
+    with pytest.raises(GpuUnavailable, match="no GPU is selected"):
+        with bench.launch(_gpu_config()):
+            pass
 
 
 # -- real GPU ---------------------------------------------------------------------------------

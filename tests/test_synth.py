@@ -30,8 +30,12 @@ REAL_TENSOR_COUNTS = {"qwen3-30b-a3b": (579, 241), "qwen35-35b-a3b": (733, 301)}
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private project cache, so the sha256 cache of the user is never touched."""
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, server_bin: Path) -> Iterator[Path]:
+    """A private project cache, so the sha256 cache of the user is never touched.
+
+    Depends on ``server_bin`` so the session's llama-server is resolved (in the real cache)
+    before the override: else a later ``server_bin`` would look in this empty cache and rebuild.
+    """
     path = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMABENCH_CACHE_DIR", str(path))

@@ -7,7 +7,10 @@ primary context in *this* process, reads free memory (``cuMemGetInfo_v2``) and a
 the rest; never managed memory). Processes started while it is held then see about
 ``budget_bytes`` free. Their own CUDA context (a few hundred MiB) comes out of that budget.
 
-``device_index`` is a CUDA ordinal: it follows this process's ``CUDA_VISIBLE_DEVICES`` and
+Which GPUs: given ``devices`` (``hardware.device.Device``), the budget is held on every one
+of them (one primary context each), each found among this process's CUDA devices by UUID
+(``cuDeviceGetUuid``), so no ordering question arises. Without ``devices``, on
+``device_index``, a CUDA ordinal: it follows this process's ``CUDA_VISIBLE_DEVICES`` and
 ``CUDA_DEVICE_ORDER`` (default fastest-first, not NVML's PCI order). ``device_uuid`` is
 recorded so it can be matched to ``GpuSnapshot.uuid``.
 
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
+from pytest_llamabench.hardware.device import Device
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -56,6 +61,7 @@ _PROTOTYPES: dict[str, tuple[Any, ...]] = {
     "cuInit": (ctypes.c_uint,),
     "cuGetErrorName": (ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)),
     "cuDeviceGet": (_c_int_p, ctypes.c_int),
+    "cuDeviceGetCount": (_c_int_p,),
     "cuDeviceGetName": (ctypes.c_char_p, ctypes.c_int, ctypes.c_int),
     "cuDevicePrimaryCtxRetain": (ctypes.POINTER(ctypes.c_void_p), ctypes.c_int),
     "cuDevicePrimaryCtxRelease_v2": (ctypes.c_int,),
@@ -67,6 +73,7 @@ _PROTOTYPES: dict[str, tuple[Any, ...]] = {
 }
 _OPTIONAL_PROTOTYPES: dict[str, tuple[Any, ...]] = {
     "cuDeviceGetUuid_v2": (ctypes.POINTER(ctypes.c_ubyte * 16), ctypes.c_int),
+    "cuDeviceGetUuid": (ctypes.POINTER(ctypes.c_ubyte * 16), ctypes.c_int),  # drivers before CUDA 11.4
 }
 
 
@@ -120,6 +127,11 @@ class CudaDriver:
     def init(self) -> None:
         self.check("cuInit", self._call("cuInit", 0))
 
+    def device_count(self) -> int:
+        count = ctypes.c_int()
+        self.check("cuDeviceGetCount", self._call("cuDeviceGetCount", ctypes.byref(count)))
+        return count.value
+
     def device(self, ordinal: int) -> int:
         device = ctypes.c_int()
         self.check(f"cuDeviceGet({ordinal})", self._call("cuDeviceGet", ctypes.byref(device), ordinal))
@@ -132,10 +144,11 @@ class CudaDriver:
 
     def device_uuid(self, device: int) -> str:
         """"GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" as NVML prints it; '' if the driver can't say."""
-        if "cuDeviceGetUuid_v2" not in self._fn:
+        name = next((n for n in ("cuDeviceGetUuid_v2", "cuDeviceGetUuid") if n in self._fn), None)
+        if name is None:
             return ""
         raw = (ctypes.c_ubyte * 16)()
-        if self._call("cuDeviceGetUuid_v2", ctypes.byref(raw), device) != CUDA_SUCCESS:
+        if self._call(name, ctypes.byref(raw), device) != CUDA_SUCCESS:
             return ""
         return format_uuid(bytes(raw))
 
@@ -208,93 +221,201 @@ def fill(
     return target - remaining
 
 
-class VramBallast:
-    """Hold all but ``budget_bytes`` of a GPU's free memory while the context is entered.
+@dataclasses.dataclass
+class DeviceHold:
+    """What a ``VramBallast`` holds on one device; readable after release.
 
-    After ``acquire()`` (or ``with``): ``total_bytes``, ``free_before`` (free memory once this
-    process's context exists), ``held_bytes`` (allocated here), ``free_after`` (free memory
-    re-read after allocating, ≈ ``budget_bytes``). These stay readable after release.
+    ``ordinal`` is the CUDA ordinal in this process; ``free_before`` is the free memory
+    once this process's context exists, ``free_after`` re-read after allocating (≈ budget).
     """
 
-    def __init__(self, budget_bytes: int, device_index: int = 0) -> None:
+    ordinal: int
+    name: str = ""
+    uuid: str = ""
+    total_bytes: int = 0
+    free_before: int = 0
+    held_bytes: int = 0
+    free_after: int = 0
+    chunks: int = 0
+    device: int = dataclasses.field(default=0, repr=False)  # CUdevice
+    context: int = dataclasses.field(default=0, repr=False)  # retained primary context; 0: none
+    pointers: list[tuple[int, int]] = dataclasses.field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cuda_ordinal": self.ordinal,
+            "name": self.name,
+            "uuid": self.uuid,
+            "total_bytes": self.total_bytes,
+            "free_before": self.free_before,
+            "held_bytes": self.held_bytes,
+            "free_after": self.free_after,
+            "chunks": self.chunks,
+        }
+
+
+class VramBallast:
+    """Hold all but ``budget_bytes`` of free memory on each GPU while the context is entered.
+
+    ``devices``: hold the budget on every one of them (found by UUID); ``None``: on the
+    CUDA ordinal ``device_index`` only (default 0), as before devices existed.
+
+    After ``acquire()`` (or ``with``), ``holds`` has one ``DeviceHold`` per device. For one
+    device the flat attributes are that device's: ``total_bytes``, ``free_before`` (free
+    memory once this process's context exists), ``held_bytes`` (allocated here),
+    ``free_after`` (free memory re-read after allocating, ≈ ``budget_bytes``), ``chunks``;
+    for several they are sums, and ``device_index``/``device_name``/``device_uuid`` are the
+    first device's. These stay readable after release.
+    """
+
+    def __init__(self, budget_bytes: int, device_index: int = 0, *, devices: Sequence[Device] | None = None) -> None:
         if budget_bytes < 0:
             raise ConfigError(f"VRAM budget must be >= 0 bytes, got {budget_bytes}")
         if device_index < 0:
             raise ConfigError(f"VRAM budget: device index must be >= 0, got {device_index}")
+        if devices is not None:
+            if not devices:
+                raise ConfigError("VRAM budget: no device given to hold it on (an empty device selection)")
+            uuids = [d.uuid.lower() for d in devices]
+            if "" in uuids or len(set(uuids)) != len(uuids):
+                raise ConfigError(
+                    "VRAM budget: every device needs a UUID and may be given once, got "
+                    + ", ".join(repr(d.uuid) for d in devices)
+                )
         self.budget_bytes = budget_bytes
-        self.device_index = device_index
-        self.device_name = ""
-        self.device_uuid = ""
-        self.total_bytes = 0
-        self.free_before = 0
-        self.held_bytes = 0
-        self.free_after = 0
-        self.chunks = 0
-        self._chunks: list[tuple[int, int]] = []
+        self.devices: tuple[Device, ...] | None = None if devices is None else tuple(devices)
+        self._device_index = device_index
+        self.holds: list[DeviceHold] = []
         self._driver: CudaDriver | None = None
-        self._device = 0
-        self._context = 0
+
+    # -- totals (one device: its values) ----------------------------------------------------
+
+    @property
+    def device_index(self) -> int:
+        """CUDA ordinal of the (first) device: as given, or as found by UUID; -1 before that."""
+        if self.holds:
+            return self.holds[0].ordinal
+        return self._device_index if self.devices is None else -1
+
+    @property
+    def device_name(self) -> str:
+        return self.holds[0].name if self.holds else ""
+
+    @property
+    def device_uuid(self) -> str:
+        return self.holds[0].uuid if self.holds else ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.total_bytes for h in self.holds)
+
+    @property
+    def free_before(self) -> int:
+        return sum(h.free_before for h in self.holds)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(h.held_bytes for h in self.holds)
+
+    @property
+    def free_after(self) -> int:
+        return sum(h.free_after for h in self.holds)
+
+    @property
+    def chunks(self) -> int:
+        return sum(h.chunks for h in self.holds)
 
     @property
     def is_held(self) -> bool:
         return self._driver is not None
 
+    # -- hold and release ------------------------------------------------------------------
+
     def acquire(self) -> VramBallast:
-        """Retain the context and allocate; on any failure nothing stays held."""
+        """Find the devices, then retain a context on each and allocate; on any failure nothing
+        stays held on any device."""
         if self._driver is not None:
             raise RuntimeError("VramBallast is already held")
         driver = CudaDriver()
         driver.init()
-        device = driver.device(self.device_index)
-        self.device_name = driver.device_name(device)
-        self.device_uuid = driver.device_uuid(device)
-        self._context = driver.retain_primary_context(device)
-        self._driver, self._device = driver, device
+        targets = self._resolve(driver)
+        self.holds = []
+        self._driver = driver
         try:
-            self._allocate(driver)
+            for ordinal, device in targets:
+                hold = DeviceHold(ordinal, driver.device_name(device), driver.device_uuid(device), device=device)
+                self.holds.append(hold)
+                hold.context = driver.retain_primary_context(device)
+                self._allocate(driver, hold)
         except BaseException:
             self._release_quietly()
             raise
         return self
 
-    def _allocate(self, driver: CudaDriver) -> None:
-        with self._current(driver):
-            self.free_before, self.total_bytes = driver.mem_get_info()
-            if self.budget_bytes > self.free_before:
+    def _resolve(self, driver: CudaDriver) -> list[tuple[int, int]]:
+        """(CUDA ordinal, CUdevice) of each device to hold memory on, found before holding any."""
+        if self.devices is None:
+            return [(self._device_index, driver.device(self._device_index))]
+        visible: dict[str, tuple[int, int]] = {}
+        for ordinal in range(driver.device_count()):
+            device = driver.device(ordinal)
+            visible[driver.device_uuid(device).lower()] = (ordinal, device)
+        targets = []
+        for wanted in self.devices:
+            found = visible.get(wanted.uuid.lower())
+            if found is None:
                 raise GpuUnavailable(
-                    f"VRAM budget {self.budget_bytes / GIB:.2f} GiB is more than the {self.free_before / GIB:.2f} "
-                    f"GiB free on CUDA device {self.device_index} ({self.device_name}, "
-                    f"{self.total_bytes / GIB:.2f} GiB total); nothing was held. Lower the budget or stop "
+                    f"VRAM budget: no CUDA device visible to this process has UUID {wanted.uuid} "
+                    f"(NVML index {wanted.index}{', ' + wanted.name if wanted.name else ''}); CUDA sees "
+                    f"{', '.join(sorted(u for u in visible if u)) or 'no device with a UUID'}. Check "
+                    "CUDA_VISIBLE_DEVICES of this process; nothing was held"
+                )
+            targets.append(found)
+        return targets
+
+    def _allocate(self, driver: CudaDriver, hold: DeviceHold) -> None:
+        with self._current(driver, hold.context):
+            hold.free_before, hold.total_bytes = driver.mem_get_info()
+            if self.budget_bytes > hold.free_before:
+                raise GpuUnavailable(
+                    f"VRAM budget {self.budget_bytes / GIB:.2f} GiB is more than the {hold.free_before / GIB:.2f} "
+                    f"GiB free on CUDA device {hold.ordinal} ({hold.name}, "
+                    f"{hold.total_bytes / GIB:.2f} GiB total); nothing was held. Lower the budget or stop "
                     "the other processes using the GPU (nvidia-smi)"
                 )
-            self.held_bytes = fill(driver.mem_alloc, self.free_before - self.budget_bytes, self._chunks)
-            self.chunks = len(self._chunks)
-            self.free_after, _ = driver.mem_get_info()
+            hold.held_bytes = fill(driver.mem_alloc, hold.free_before - self.budget_bytes, hold.pointers)
+            hold.chunks = len(hold.pointers)
+            hold.free_after, _ = driver.mem_get_info()
 
+    @staticmethod
     @contextlib.contextmanager
-    def _current(self, driver: CudaDriver) -> Iterator[None]:
-        """Make the primary context current on this thread for the block."""
-        driver.push_context(self._context)
+    def _current(driver: CudaDriver, context: int) -> Iterator[None]:
+        """Make a primary context current on this thread for the block."""
+        driver.push_context(context)
         try:
             yield
         finally:
             driver.pop_context()
 
     def release(self) -> None:
-        """Free every chunk and release the context; raises ``GpuUnavailable`` if a call failed
-        (after trying all of them). Safe to call when not held."""
+        """Free every chunk and release every context; raises ``GpuUnavailable`` if a call failed
+        (after trying all of them, on every device). Safe to call when not held."""
         driver = self._driver
         if driver is None:
             return
         failures: list[str] = []
-        try:
-            with self._current(driver):
-                for pointer, _size in self._chunks:
-                    _collect(failures, driver.mem_free, pointer)
-        except GpuUnavailable as exc:
-            failures.append(str(exc))
-        self._chunks = []
-        _collect(failures, driver.release_primary_context, self._device)
+        for hold in self.holds:
+            if hold.pointers:
+                try:
+                    with self._current(driver, hold.context):
+                        for pointer, _size in hold.pointers:
+                            _collect(failures, driver.mem_free, pointer)
+                except GpuUnavailable as exc:
+                    failures.append(str(exc))
+                hold.pointers = []
+            if hold.context:
+                _collect(failures, driver.release_primary_context, hold.device)
+                hold.context = 0
         self._driver = None
         if failures:
             raise GpuUnavailable("releasing the VRAM ballast failed: " + "; ".join(failures))
@@ -317,6 +438,7 @@ class VramBallast:
             warnings.warn(str(err), RuntimeWarning, stacklevel=2)  # keep the original exception
 
     def as_dict(self) -> dict[str, object]:
+        """The flat keys (totals, see the class) and ``devices``: one entry per device held."""
         return {
             "budget_bytes": self.budget_bytes,
             "device_index": self.device_index,
@@ -327,6 +449,7 @@ class VramBallast:
             "held_bytes": self.held_bytes,
             "free_after": self.free_after,
             "chunks": self.chunks,
+            "devices": [hold.as_dict() for hold in self.holds],
         }
 
 

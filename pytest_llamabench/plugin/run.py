@@ -1,11 +1,12 @@
-"""One benchmark run's state: settings, the loaded matrix, the report and the gate.
+"""One pytest run's state: settings read from options, the matrix, the report and the gate.
 
-``Session.from_pytest`` is the only place that reads pytest's config; the rest
-takes plain values.
+``RunState.from_pytest`` is the only place that reads pytest's config; the rest takes plain
+values. The controller (or the only process) owns the ``RunReport`` and writes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import cache
 from pathlib import Path
@@ -13,41 +14,57 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench.plugin import options
-from pytest_llamabench.server.build import BuildSpec
-from pytest_llamabench.config import Matrix, ServerConfig, Workload, load_matrix
-from pytest_llamabench.errors import ConfigError, LlamabenchError
-from pytest_llamabench.results import Report, host_fingerprint
 from pytest_llamabench.bench import Bench, BenchSettings
-from pytest_llamabench.outputs.table import build_rows, render
+from pytest_llamabench.config import Matrix, ServerConfig, Workload, expand_starts, load_matrix
+from pytest_llamabench.errors import ConfigError, LlamabenchError
+from pytest_llamabench.hardware.host import host_fingerprint
+from pytest_llamabench.outputs import markdown
+from pytest_llamabench.outputs.table import build_table, render
+from pytest_llamabench.plugin import options
+from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
+from pytest_llamabench.server.build import BuildSpec
 
 
-class Session:
+@dataclasses.dataclass
+class GateSettings:
+    """``--llamabench-baseline`` and how to judge against it."""
+
+    baseline: RunReport
+    path: Path
+    tolerances: Any  # gate.Tolerances (imported only when a baseline is given)
+    fingerprint: str
+    alpha: float
+
+
+class RunState:
     def __init__(
         self,
         *,
         bench: Bench,
         matrix: Matrix | None,
-        matrix_where: str,
         config_patterns: list[str],
+        restarts: int | None,
+        retry_busy: int,
+        busy_cores: float,
         workload_patterns: list[str],
-        report_path: Path | None,
+        report_path: Path,
         require_gpu: bool,
         is_worker: bool,
-        gate: dict[str, Any] | None = None,
+        gate: GateSettings | None = None,
     ) -> None:
         self.bench = bench
         self.matrix = matrix
-        self.matrix_where = matrix_where
         self.config_patterns = config_patterns
+        self.restarts = restarts
+        self.retry_busy = retry_busy
+        self.busy_cores = busy_cores
         self.workload_patterns = workload_patterns
         self.report_path = report_path
         self.require_gpu = require_gpu
         self.is_worker = is_worker
         self.gate = gate
-        self.report: Report | None = None
-        self.gate_result: Any = None
-        self._gpus_at_start: list[dict[str, object]] = []
+        self.report: RunReport | None = None
+        self.gate_result: Any = None  # gate.Comparison, or the LlamabenchError that stopped it
 
     @property
     def is_controller(self) -> bool:
@@ -56,7 +73,7 @@ class Session:
     # -- construction from pytest -------------------------------------------------
 
     @classmethod
-    def from_pytest(cls, config: pytest.Config) -> Session:
+    def from_pytest(cls, config: pytest.Config) -> RunState:
         workerinput = getattr(config, "workerinput", None)
         matrix_paths, matrix_where = options.value(config, "matrix")
         models_dir, _ = options.path_value(config, "models-dir")
@@ -79,22 +96,24 @@ class Session:
         if workerinput and "llamabench_run_id" in workerinput:
             settings.run_id = workerinput["llamabench_run_id"]
         gate = None
-        baseline, baseline_where = options.path_value(config, "baseline")
+        baseline, _ = options.path_value(config, "baseline")
         if baseline is not None:
-            from pytest_llamabench.gate.compare import Tolerances, load_report
+            from pytest_llamabench.gate import Tolerances, load_report
 
-            gate = {
-                "baseline": load_report(baseline),
-                "baseline_path": baseline,
-                "tolerances": Tolerances(options.value(config, "tolerance")[0] or []),
-                "fingerprint": options.value(config, "fingerprint")[0],
-                "alpha": options.value(config, "alpha")[0],
-            }
-        session = cls(
+            gate = GateSettings(
+                baseline=load_report(baseline),
+                path=baseline,
+                tolerances=Tolerances(options.value(config, "tolerance")[0] or []),
+                fingerprint=options.value(config, "fingerprint")[0],
+                alpha=options.value(config, "alpha")[0],
+            )
+        state = cls(
             bench=Bench(settings, log=lambda m: _log(config, m)),
             matrix=matrix,
-            matrix_where=matrix_where,
             config_patterns=options.value(config, "config")[0] or [],
+            restarts=options.value(config, "restarts")[0],
+            retry_busy=options.value(config, "retry-busy")[0],
+            busy_cores=options.value(config, "busy-cores")[0],
             workload_patterns=options.value(config, "workload")[0] or [],
             report_path=report_path or state_dir / "report.json",
             require_gpu=bool(options.value(config, "require-gpu")[0]),
@@ -102,9 +121,9 @@ class Session:
             gate=gate,
         )
         if matrix is not None:
-            session.selected_configs()  # unknown names are a usage error now, not at collection
-            session.selected_workloads()
-        return session
+            state.selected_configs()  # unknown names are a usage error now, not at collection
+            state.selected_workloads()
+        return state
 
     # -- selection ---------------------------------------------------------------
 
@@ -119,10 +138,14 @@ class Session:
     def selected_configs(self) -> list[ServerConfig]:
         return self._matrix().select_configs(self.config_patterns, "--llamabench-config")
 
+    def server_starts(self) -> list[ServerConfig]:
+        """The selected configs once per fresh server start, interleaved across configs."""
+        return expand_starts(self.selected_configs(), self.restarts)
+
     def selected_workloads(self) -> list[Workload]:
         return self._matrix().select_workloads(self.workload_patterns, "--llamabench-workload")
 
-    @cache  # noqa: B019 - one probe per session object
+    @cache  # noqa: B019 - one probe per run object
     def gpu_status(self) -> Any:
         from pytest_llamabench.hardware.gpu import probe_gpu
 
@@ -135,93 +158,97 @@ class Session:
         except OSError:
             return ""
 
-    # -- session lifecycle (controller) -------------------------------------------
+    @property
+    def _uses_containers(self) -> bool:
+        return self.matrix is not None and any(c.image for c in self.matrix.configs.values())
+
+    # -- the run (controller) -------------------------------------------------------
 
     def fingerprint(self) -> dict[str, Any]:
-        fp: dict[str, Any] = {"host": host_fingerprint(), "gpus": self._gpus_at_start}
+        fp: dict[str, Any] = {"host": host_fingerprint(), "gpus": self._gpus()}
         if self.bench.settings.vram_budget:
             fp["vram_budget_mib"] = round(self.bench.settings.vram_budget / 2**20)
         return fp
 
+    def _gpus(self) -> list[dict[str, Any]]:
+        if not self.gpu_status().available:
+            return []
+        from pytest_llamabench.hardware.gpu import snapshot_gpus
+
+        try:
+            return [g.as_dict() for g in snapshot_gpus()]
+        except LlamabenchError:  # a lost GPU: the tests will say so
+            return []
+
     def start(self) -> list[str]:
         """Controller only: sweep leftovers, snapshot GPUs, open the report."""
         messages = []
-        if self.gpu_status().available:
-            from pytest_llamabench.hardware.gpu import snapshot_gpus
-
-            self._gpus_at_start = [g.as_dict() for g in snapshot_gpus()]
-        if self.matrix is not None and any(c.image for c in self.matrix.configs.values()):
+        if self._uses_containers:
             messages += self._sweep_containers()
-        if self.report_path is not None:
-            files = [str(p) for p in self.matrix.files] if self.matrix else []
-            # written with the first result, so runs without benchmarks leave no file behind
-            self.report = Report(self.report_path, matrix_files=files, fingerprint=self.fingerprint())
+        files = [str(p) for p in self.matrix.files] if self.matrix else []
+        # written with the first result, so runs without benchmarks leave no file behind
+        self.report = RunReport(fingerprint=self.fingerprint(), matrix_files=files)
         return messages
 
     def _sweep_containers(self) -> list[str]:
         try:
-            from pytest_llamabench.server.container import docker_client, sweep_leftovers
+            from pytest_llamabench.server.docker import docker_client, sweep_leftovers
 
             removed = sweep_leftovers(docker_client(), exclude_run_id=self.bench.settings.run_id)
         except LlamabenchError:
             return []  # no daemon: container configs will fail with the reason
         return [f"removed {len(removed)} container(s) left by an earlier crashed run: {', '.join(removed)}"] if removed else []
 
+    def record(self, phase: ResultEntry) -> None:
+        """One report phase of one test; the file is rewritten once the test has an outcome."""
+        assert self.report is not None
+        if self.report.record(phase) is not None:
+            self.report.write(self.report_path)
+
     def finish(self) -> bool:
         """Controller only: final report write, GPU end state, gate. True if the gate failed."""
-        if self.matrix is not None and any(c.image for c in self.matrix.configs.values()):
+        if self._uses_containers:
             try:
-                from pytest_llamabench.server.container import docker_client, remove_run_containers
+                from pytest_llamabench.server.docker import docker_client, remove_run_containers
 
                 remove_run_containers(docker_client(), self.bench.settings.run_id)
             except LlamabenchError:
                 pass
-        if self.report is None or (not self.report.results and self.gate is None):
+        report = self.report
+        if report is None or (not report.results and self.gate is None):
             return False
-        if self._gpus_at_start:
-            from pytest_llamabench.hardware.gpu import snapshot_gpus
-
-            self.report.data["fingerprint"]["gpus_at_end"] = [g.as_dict() for g in snapshot_gpus()]
-        self.report.data["binary"] = self.bench.describe_binary() or None
+        if report.fingerprint.get("gpus"):
+            report.fingerprint["gpus_at_end"] = self._gpus()
+        report.binary = self.bench.describe_binary() or None
+        regressed = False
         if self.gate is not None:
-            from pytest_llamabench.gate.compare import compare, parse_report
+            regressed = self._run_gate(report, self.gate)
+        table = self._table(markdown=True)  # also puts the winner verdict in the report
+        report.write(self.report_path, finished=True)
+        if table:
+            markdown.write(self.report_path.with_suffix(".md"), table)
+        return regressed
 
-            try:
-                self.gate_result = compare(
-                    self.gate["baseline"], parse_report(self.report.data, source="this run"),
-                    tolerances=self.gate["tolerances"], alpha=self.gate["alpha"],
-                    fingerprint=self.gate["fingerprint"],
-                )  # fmt: skip
-            except LlamabenchError as exc:
-                self.gate_result = exc
-            self.report.data["gate"] = {
-                "baseline": str(self.gate["baseline_path"]),
-                "regressed": bool(getattr(self.gate_result, "regressed", True)),
-                "summary": self.gate_result.summary()
-                if callable(getattr(self.gate_result, "summary", None))
-                else str(self.gate_result),
-            }
-        self.report.write(finished=True)
-        self._write_markdown()
-        return self.gate is not None and bool(getattr(self.gate_result, "regressed", True))
+    def _run_gate(self, report: RunReport, gate: GateSettings) -> bool:
+        from pytest_llamabench.gate import compare
+
+        try:
+            self.gate_result = compare(gate.baseline, report, tolerances=gate.tolerances, alpha=gate.alpha,
+                                       fingerprint=gate.fingerprint)  # fmt: skip
+        except LlamabenchError as exc:
+            self.gate_result = exc
+            report.gate = {"baseline": str(gate.path), "regressed": True, "summary": str(exc)}
+            return True
+        report.gate = {"baseline": str(gate.path), "regressed": self.gate_result.regressed,
+                       "summary": self.gate_result.summary()}  # fmt: skip
+        return bool(self.gate_result.regressed)
 
     def _table(self, markdown: bool) -> str:
         assert self.report is not None
         descriptions = {n: c.description for n, c in self.matrix.configs.items()} if self.matrix else {}
-        rows, workloads = build_rows(self.report.results, descriptions)
-        return render(rows, workloads, markdown=markdown) if rows else ""
-
-    def _write_markdown(self) -> None:
-        assert self.report is not None
-        table = self._table(markdown=True)
-        if not table:
-            return
-        text = f"## llama-server benchmark\n\n{table}"
-        self.report.path.with_suffix(".md").write_text(text)
-        summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary:
-            with open(summary, "a") as fh:
-                fh.write(text + "\n")
+        rows, workloads, verdict = build_table(self.report.per_unit(), descriptions)
+        self.report.extra["winner"] = verdict.as_dict()
+        return render(rows, workloads, markdown=markdown, verdict=verdict) if rows else ""
 
     def summary_sections(self) -> list[tuple[str, str]]:
         if self.is_worker or self.report is None or not self.report.results:
@@ -231,16 +258,19 @@ class Session:
         if table:
             sections.append(("llamabench results", table))
         failures = [
-            f"{e['config']}/{e['workload']}: {e['outcome']} [{e['failure']['kind']}] {e['failure']['message']}"
+            f"{e.config}/{e.workload}: {e.outcome} [{e.failure.kind}] {e.failure.message}"
             for e in self.report.results
-            if e.get("failure") and e["outcome"] in ("failed", "error", "xfailed")
+            if e.failure and (e.outcome in FAILING_OUTCOMES or e.outcome == "xfailed")
         ]
         if failures:
             sections.append(("llamabench failures", "\n".join(failures)))
-        if self.gate_result is not None:
-            text = self.gate_result.render("text") if hasattr(self.gate_result, "render") else f"gate error: {self.gate_result}"
-            sections.append((f"llamabench gate vs {self.gate['baseline_path'] if self.gate else ''}", text))
-        sections.append(("llamabench report", f"JSON: {self.report.path}\nmarkdown: {self.report.path.with_suffix('.md')}"))
+        if self.gate is not None and self.gate_result is not None:
+            from pytest_llamabench.gate import render
+
+            text = (f"gate error: {self.gate_result}" if isinstance(self.gate_result, LlamabenchError)
+                    else render(self.gate_result, "text"))  # fmt: skip
+            sections.append((f"llamabench gate vs {self.gate.path}", text))
+        sections.append(("llamabench report", f"JSON: {self.report_path}\nmarkdown: {self.report_path.with_suffix('.md')}"))
         return sections
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from pytest_llamabench.errors import RequestFailed
+from pytest_llamabench.errors import RequestFailed, StreamDroppedEarly
 
 
 @dataclasses.dataclass
@@ -120,9 +120,8 @@ class LlamaClient:
                     if "timings" in event or event.get("stop") is True:
                         final = {**final, **event}
         except httpx.HTTPError as exc:
-            error = RequestFailed(f"POST {self.base_url}{path} failed mid-stream: {exc!r}")
-            error.context["events_received"] = bool(final or token_times)
-            raise error from exc
+            error = RequestFailed if (final or token_times) else StreamDroppedEarly
+            raise error(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
         if not final:
             raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
         return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))

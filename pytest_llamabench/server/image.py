@@ -121,7 +121,7 @@ def _copy_file(src: Path, dest: Path) -> None:
 
 def _tagged(client: Any, tag: str) -> Any:
     """The local image ``tag``, or None."""
-    from pytest_llamabench.server.container import docker_sdk
+    from pytest_llamabench.server.docker import docker_sdk
 
     try:
         return client.images.get(tag)
@@ -140,7 +140,7 @@ def cached_image_id(client: Any, tag: str, sha256: str) -> str | None:
 
 def _remove_untagged(client: Any, image_id: str) -> None:
     """Drop the image a rebuild replaced, unless it is still tagged or used by a container."""
-    from pytest_llamabench.server.container import docker_sdk
+    from pytest_llamabench.server.docker import docker_sdk
 
     with contextlib.suppress(docker_sdk().errors.APIError):
         if not client.images.get(image_id).tags:
@@ -151,7 +151,7 @@ def build_local_image(
     binary: Path, *, tag: str = DEFAULT_TAG, log: Callable[[str], None] = print, client: Any = None
 ) -> str:
     """Build (or reuse) the image for ``binary``; returns the image id (``sha256:...``)."""
-    from pytest_llamabench.server.container import docker_client, docker_sdk
+    from pytest_llamabench.server.docker import docker_client, docker_sdk
 
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise ConfigError(f"--binary: {binary} is not an executable file")

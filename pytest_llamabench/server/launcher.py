@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from pytest_llamabench.server.classify import classify_failure
 from pytest_llamabench.server.client import LlamaClient
 from pytest_llamabench.config import HostMemoryContext, ServerConfig
 from pytest_llamabench.errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
+from pytest_llamabench.hardware.device import VISIBLE_DEVICES, Device, visible_devices_env
 from pytest_llamabench.model.files import ModelInfo, ctx_for_host_memory, verify_model
 
 #: Environment variables llama-server reads as defaults; stripped unless the config sets them.
@@ -37,9 +38,18 @@ _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _LIVE: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
-def server_environment(config_env: Mapping[str, str], api_key: str | None) -> dict[str, str]:
-    """The parent's environment without llama-server's own defaults, plus the config's."""
+def server_environment(
+    config_env: Mapping[str, str], api_key: str | None, devices: Sequence[Device] | None = None
+) -> dict[str, str]:
+    """The parent's environment without llama-server's own defaults, plus the config's.
+
+    ``devices``: the server sees exactly those GPUs (``CUDA_VISIBLE_DEVICES`` by UUID and
+    ``CUDA_DEVICE_ORDER``), unless the config's own env sets ``CUDA_VISIBLE_DEVICES``: then
+    neither is added. ``None`` leaves the parent's setting.
+    """
     env = {k: v for k, v in os.environ.items() if not _STRIPPED_ENV.match(k)}
+    if devices is not None and VISIBLE_DEVICES not in config_env:
+        env.update(visible_devices_env(devices))
     env.update(config_env)
     if api_key:
         env["LLAMA_API_KEY"] = api_key  # never on argv: argv goes into reports
@@ -52,10 +62,18 @@ class Server(abc.ABC):
     launcher = "abstract"
     host = "127.0.0.1"
 
-    def __init__(self, config: ServerConfig, *, log_dir: Path, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        log_dir: Path,
+        api_key: str | None = None,
+        devices: Sequence[Device] | None = None,
+    ) -> None:
         self.config = config
-        self.log_path = log_dir / f"{config.name}.log"
+        self.log_path = log_dir / f"{config.instance}.log"
         self.api_key = api_key
+        self.devices: tuple[Device, ...] | None = None if devices is None else tuple(devices)  # None: as inherited
         self.model_info: ModelInfo | None = None
         self.args: list[str] = []
         self.base_url: str | None = None
@@ -141,7 +159,7 @@ class Server(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Builtin-typed facts for reports: args actually used, build, launcher."""
         threads = self.config.server.get("threads")
-        return {
+        info: dict[str, Any] = {
             "launcher": self.launcher,
             "args": list(self.args),
             "build_info": self.build_info,
@@ -149,6 +167,9 @@ class Server(abc.ABC):
             "load_s": self.load_seconds,
             "log": str(self.log_path),
         }
+        if self.devices is not None:
+            info["devices"] = [d.uuid for d in self.devices]
+        return info
 
     @abc.abstractmethod
     def pids(self) -> set[int]:
@@ -225,8 +246,16 @@ class LocalServer(Server):
 
     launcher = "process"
 
-    def __init__(self, config: ServerConfig, *, binary: Path, log_dir: Path, api_key: str | None = None) -> None:
-        super().__init__(config, log_dir=log_dir, api_key=api_key)
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        binary: Path,
+        log_dir: Path,
+        api_key: str | None = None,
+        devices: Sequence[Device] | None = None,
+    ) -> None:
+        super().__init__(config, log_dir=log_dir, api_key=api_key, devices=devices)
         self.binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -240,7 +269,7 @@ class LocalServer(Server):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(self.config.env, self.api_key),
+                env=server_environment(self.config.env, self.api_key, self.devices),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
