@@ -244,7 +244,7 @@ def test_marker(llama_server, llama_workload, llamabench):
         "*threshold: impossible/short: threshold not met: gen_tok_s median * tok/s, required "
         "min_gen_tok_s = 1e+06 tok/s (set in *matrix.toml:configs.impossible.thresholds)*",
         "*threshold: easy/short: threshold not met: ttft_ms median * ms, required max_ttft_ms = 0.001 ms "
-        "(set in *marker on *test_marker*",
+        "(set in *llamabench_thresholds on *test_marker*",
     ])  # fmt: skip
 
 
