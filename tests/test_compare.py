@@ -65,6 +65,13 @@ def result(
     }
 
 
+def starts(config: str = "base", workload: str = "short", **metrics: list[float]) -> list[dict[str, Any]]:
+    """One result per fresh server start, each with one sample per metric (its start's median)."""
+    n = len(next(iter(metrics.values())))
+    return [{**result(config, workload, **{m: [v[i]] for m, v in metrics.items()}), "start": i + 1,
+             "test": f"benchmarks/test_matrix.py::test_workload[{config}@{i + 1}-{workload}]"} for i in range(n)]  # fmt: skip
+
+
 def report(*results: dict[str, Any], gpu: str = "NVIDIA H100 80GB HBM3", build: str = "b1-0c1e570",
            sha: str = "aa", cpu: str = "EPYC") -> dict[str, Any]:  # fmt: skip
     return {
@@ -309,10 +316,11 @@ def test_alpha_is_used() -> None:
 
 
 def test_metric_rows_and_summary() -> None:
-    base = report(result(gen_tok_s=FAST, ttft_ms=TTFT), result("C7", gen_tok_s=FAST))
-    new = report(result(gen_tok_s=SLOW, ttft_ms=TTFT), result("C7", gen_tok_s=FAST))
+    base = report(*starts(gen_tok_s=FAST, ttft_ms=TTFT), *starts("C7", gen_tok_s=FAST))
+    new = report(*starts(gen_tok_s=SLOW, ttft_ms=TTFT), *starts("C7", gen_tok_s=FAST))
     comparison = run_compare(base, new)
     assert comparison.regressed
+    assert {r.units for r in comparison.rows} == {"starts"}
     assert [(r.config, r.metric, r.verdict) for r in comparison.rows] == [
         ("C7", "gen_tok_s", NO_CHANGE),
         ("base", "gen_tok_s", REGRESSED),
@@ -520,8 +528,8 @@ def test_load_report_missing_file(tmp_path: Path) -> None:
 
 
 def test_markdown_render() -> None:
-    base = report(result(gen_tok_s=FAST), result("C7", gen_tok_s=FAST))
-    new = report(result(gen_tok_s=SLOW), result("C7", outcome="xfailed", failure={"kind": "oom", "message": "m"}))
+    base = report(*starts(gen_tok_s=FAST), result("C7", gen_tok_s=FAST))
+    new = report(*starts(gen_tok_s=SLOW), result("C7", outcome="xfailed", failure={"kind": "oom", "message": "m"}))
     text = render(run_compare(base, new), "markdown")
     lines = text.splitlines()
     assert "| config | workload | metric | base | new | ratio | p | verdict | note |" in lines
@@ -541,9 +549,9 @@ def _write(tmp_path: Path, name: str, data: dict[str, Any]) -> str:
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    base = _write(tmp_path, "base.json", report(result(gen_tok_s=FAST, ttft_ms=TTFT)))
-    same = _write(tmp_path, "same.json", report(result(gen_tok_s=FAST, ttft_ms=TTFT)))
-    slow = _write(tmp_path, "slow.json", report(result(gen_tok_s=SLOW, ttft_ms=TTFT)))
+    base = _write(tmp_path, "base.json", report(*starts(gen_tok_s=FAST, ttft_ms=TTFT)))
+    same = _write(tmp_path, "same.json", report(*starts(gen_tok_s=FAST, ttft_ms=TTFT)))
+    slow = _write(tmp_path, "slow.json", report(*starts(gen_tok_s=SLOW, ttft_ms=TTFT)))
     other_gpu = _write(tmp_path, "gpu.json", report(result(gen_tok_s=FAST), gpu="NVIDIA A100"))
 
     assert main(["compare", base, same]) == 0
@@ -573,11 +581,34 @@ def test_cli_markdown_and_step_summary(
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    base = _write(tmp_path, "base.json", report(result(gen_tok_s=FAST)))
-    slow = _write(tmp_path, "slow.json", report(result(gen_tok_s=SLOW)))
+    base = _write(tmp_path, "base.json", report(*starts(gen_tok_s=FAST)))
+    slow = _write(tmp_path, "slow.json", report(*starts(gen_tok_s=SLOW)))
     assert main(["compare", base, slow, "--markdown"]) == 1
     out = capsys.readouterr().out
     assert "| base | short | gen_tok_s |" in out
     written = summary.read_text()
     assert written.startswith("earlier step\n### llamabench:")
     assert "**1 regressed**" in written
+
+
+def test_one_start_per_side_cannot_call_a_change_within_start_noise() -> None:
+    # -9 %, no overlap between the repetitions: a regression of repetitions, but two fresh
+    # servers of one config differ by that much: with one start per side it is inconclusive
+    comparison = run_compare(report(result(gen_tok_s=FAST)), report(result(gen_tok_s=SLOW)))
+    row = only(comparison, "gen_tok_s")
+    assert (row.verdict, row.units) == (INCONCLUSIVE, "repetitions")
+    assert "cannot tell it from start-to-start noise" in row.reason and "--llamabench-restarts" in row.reason
+    assert row.mde is not None and row.mde > 0.3  # one start a side: only large changes are visible
+    halved = [v / 2 for v in FAST]
+    assert only(run_compare(report(result(gen_tok_s=FAST)), report(result(gen_tok_s=halved))), "gen_tok_s").verdict == REGRESSED
+
+
+def test_starts_are_the_unit_and_the_detectable_change_shrinks_with_them() -> None:
+    def mde(n: int) -> float:
+        spread = [66.0, 70.0, 63.0, 68.0, 65.0, 69.0, 64.0, 67.0][:n]
+        row = only(run_compare(report(*starts(gen_tok_s=spread)), report(*starts(gen_tok_s=spread))), "gen_tok_s")
+        assert row.units == "starts" and row.n_base == n and "detects ≥" in row.reason
+        assert row.mde is not None
+        return row.mde
+
+    assert mde(8) < mde(4) < mde(2)

@@ -11,6 +11,7 @@ passed in the base and now fails, errors, xfails, is skipped or is missing is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
@@ -25,7 +26,7 @@ from pytest_llamabench.gate.fingerprint import (
 )
 from pytest_llamabench.gate.statistics import bootstrap_ratio_ci, mann_whitney_u, min_exact_p, min_repetitions
 from pytest_llamabench.gate.tolerances import Tolerance, Tolerances
-from pytest_llamabench.metrics import TIME_S, higher_is_better
+from pytest_llamabench.metrics import METRICS, TIME_S, higher_is_better
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
 
 REGRESSED = "regressed"
@@ -39,6 +40,12 @@ VERDICTS = (REGRESSED, IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE)
 OUTCOME = "outcome"
 #: Below this many samples on either side no test or interval is computed.
 MIN_SAMPLES = 3
+#: Relative standard deviation of one server start's median, assumed where it cannot be
+#: measured (one start per side). Measured: 4-10 % on this project's 2-core VM
+#: (benchmarks/start_spread.py, docs/noise/), about 15 % on an H200.
+START_NOISE = 0.08
+#: z of the power a minimum detectable effect is quoted at (80 %).
+_Z_POWER = 0.8416
 
 Pair = tuple[str, str]
 
@@ -60,6 +67,10 @@ class Row:
     n_base: int = 0
     n_new: int = 0
     tolerance: str = ""
+    #: what a sample is: a server start's median ("starts") or a repetition of one server
+    units: str = "repetitions"
+    #: the smallest relative change this comparison detects (80 % power at alpha)
+    mde: float | None = None
     base_outcome: str | None = None
     new_outcome: str | None = None
     fingerprint_differs: bool = False
@@ -194,7 +205,12 @@ def _compare_result(
             tolerance = tolerances.get(key[0], key[1], metric)
             a, b = base.samples(metric), new.samples(metric)
             if tolerance is not None and (a or b):
-                row = compare_samples(a, b, tolerance, alpha=alpha, config=key[0], workload=key[1], metric=metric)
+                starts = min(int(base.extra.get("starts", 1)), int(new.extra.get("starts", 1)))
+                known = METRICS.get(metric)
+                server_noise = known is not None and known.per_repetition and known is not TIME_S
+                row = compare_samples(a, b, tolerance, alpha=alpha, config=key[0], workload=key[1], metric=metric,
+                                      units="starts" if starts > 1 else "repetitions",
+                                      start_noise=START_NOISE if server_noise else None)  # fmt: skip
                 if base_kind == "pytest-benchmark" and metric == TIME_S.name and row.n_base < MIN_SAMPLES:
                     row = dataclasses.replace(row, reason=row.reason + " (save samples with --benchmark-save-data)")
                 rows.append(row)
@@ -244,9 +260,61 @@ def compare_samples(
     config: str = "",
     workload: str = "",
     metric: str = "",
+    units: str = "repetitions",
+    start_noise: float | None = None,
 ) -> Row:
-    """The verdict for one metric from the raw samples of both sides."""
-    row = Row(config, workload, metric, INCONCLUSIVE, n_base=len(base), n_new=len(new), tolerance=str(tolerance))
+    """The verdict for one metric from the samples of both sides.
+
+    ``units = "starts"``: each sample is one fresh server's median, so the spread of the
+    samples is the start-to-start noise. Otherwise the samples are repetitions of one server
+    per side, and ``start_noise`` (a relative standard deviation) is the noise of a server
+    start that they cannot show: a change smaller than it could tell apart is inconclusive.
+    """
+    row = Row(config, workload, metric, INCONCLUSIVE, n_base=len(base), n_new=len(new), tolerance=str(tolerance),
+              units=units)  # fmt: skip
+    row = _guarded(_verdict(row, base, new, tolerance, alpha), base, new, alpha, start_noise)
+    if row.mde is not None and row.metric != OUTCOME:
+        row = dataclasses.replace(row, reason=f"{row.reason}; detects ≥{row.mde:.0%}" if row.reason else "")
+    return row
+
+
+def detectable_change(sigma: float, n_base: int, n_new: int, alpha: float) -> float:
+    """The relative change a comparison of n_base and n_new samples of relative spread
+    ``sigma`` detects with 80 % power at ``alpha`` (two-sided, normal approximation on logs)."""
+    z = statistics.NormalDist().inv_cdf(1 - alpha / 2) + _Z_POWER
+    return math.expm1(z * sigma * math.sqrt(1 / n_base + 1 / n_new))
+
+
+def _log_spread(values: Sequence[float]) -> tuple[float, int] | None:
+    logs = [math.log(v) for v in values if v > 0]
+    return (statistics.variance(logs), len(logs) - 1) if len(logs) >= 2 else None
+
+
+def _guarded(row: Row, base: Sequence[float], new: Sequence[float], alpha: float, start_noise: float | None) -> Row:
+    """The minimum detectable effect, and no verdict on a change within unmeasured start noise."""
+    ratio = row.ratio
+    if ratio is None or ratio <= 0:
+        return row
+    if row.units == "starts":
+        spreads = [s for s in (_log_spread(base), _log_spread(new)) if s is not None]
+        dof = sum(d for _, d in spreads)
+        if not dof:
+            return row
+        sigma = math.sqrt(sum(v * d for v, d in spreads) / dof)
+        return dataclasses.replace(row, mde=detectable_change(sigma, len(base), len(new), alpha))
+    if start_noise is None:
+        return row
+    row = dataclasses.replace(row, mde=detectable_change(start_noise, 1, 1, alpha))
+    z = statistics.NormalDist().inv_cdf(1 - alpha / 2)
+    if row.verdict in (REGRESSED, IMPROVED) and abs(math.log(ratio)) < z * start_noise * math.sqrt(2):
+        change = f"{(ratio - 1) * 100:+.1f}%"
+        reason = (f"{change} is past {row.tolerance}, but one server start per side cannot tell it from "
+                  f"start-to-start noise (±{start_noise:.0%}); measure with --llamabench-restarts=6")  # fmt: skip
+        return dataclasses.replace(row, verdict=INCONCLUSIVE, reason=reason)
+    return row
+
+
+def _verdict(row: Row, base: Sequence[float], new: Sequence[float], tolerance: Tolerance, alpha: float) -> Row:
     if not base:
         return dataclasses.replace(row, verdict=NEW, reason="not measured in the base report",
                                    new_median=statistics.median(new))  # fmt: skip
