@@ -156,13 +156,22 @@ def measure(
     The CPU time other processes took meanwhile is measured; a measurement taken on a busy
     host is marked (``host_load.busy``) and, with ``retry_busy``, taken again up to that often.
     """
+    running.server.ensure_alive()  # a server that died during an earlier workload: say so, once
     for attempt in range(retry_busy + 1):
+        gpu_before = running.vram.contention() if running.vram is not None else (0, 0, 0)
         with CpuContention(running.server.pids, busy_cores) as contention:
             measurement = run_workload(running.server, workload, runner=runner if attempt == 0 else None)
-        if not contention.busy:
+        load = contention.as_dict()
+        if running.vram is not None:
+            samples, contended, throttled = (a - b for a, b in zip(running.vram.contention(), gpu_before))
+            load.update(gpu_samples=samples, gpu_contended_samples=contended, gpu_throttled_samples=throttled,
+                        gpu_foreign_pids=sorted(running.vram.foreign_pids),
+                        gpu_throttle_reasons=sorted(running.vram.throttle_reasons))  # fmt: skip
+            load["busy"] = load["busy"] or contended > 0 or throttled > 0
+        if not load["busy"]:
             break
-        running.log(f"{running.server.config.instance}/{workload.name}: the host was busy (other processes used "
-                    f"{contention.other_cores:.2f} cores)" + (", measuring again" if attempt < retry_busy else ""))  # fmt: skip
+        running.log(f"{running.server.config.instance}/{workload.name}: the host was busy ({_busy_text(load)})"
+                    + (", measuring again" if attempt < retry_busy else ""))  # fmt: skip
     measurement.rss_peak_mib = running.server.peak_rss_mib()
     measurement.vram_peak_mib = running.vram_peak_mib()
     config = running.server.config
@@ -177,8 +186,17 @@ def measure(
         server=running.describe(),
         model=info.as_dict() if info else None,
         workload_spec=dataclasses.asdict(workload),
-        host_load={**contention.as_dict(), "attempts": attempt + 1},
+        host_load={**load, "attempts": attempt + 1},
     )
+
+
+def _busy_text(load: dict[str, Any]) -> str:
+    parts = [f"other processes used {load['other_cores']:.2f} cores"] if load.get("other_cores") else []
+    if load.get("gpu_contended_samples"):
+        parts.append(f"other processes on the GPU: {load['gpu_foreign_pids']}")
+    if load.get("gpu_throttled_samples"):
+        parts.append(f"GPU clocks throttled ({', '.join(load['gpu_throttle_reasons'])})")
+    return "; ".join(parts)
 
 
 __all__ = ["Bench", "BenchSettings", "RunningServer", "measure"]

@@ -20,6 +20,12 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: matrix file not found; check --llamabench-matrix") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a matrix file; name a .toml file in --llamabench-matrix") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the matrix file ({exc.strerror}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files must be saved as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 

@@ -267,6 +267,8 @@ class RunReport:
     started_at: str = dataclasses.field(default_factory=now)
     updated_at: str = dataclasses.field(default_factory=now)
     finished: bool = False
+    #: why a run ended early (Ctrl-C, SIGTERM): its results are partial
+    interrupted: str | None = None
     plugin_version: str = __version__
     binary: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None
@@ -331,6 +333,8 @@ class RunReport:
             "matrix_files": self.matrix_files, "fingerprint": self.fingerprint,
             "results": [r.as_dict() for r in self.results if r.outcome],
         }  # fmt: skip
+        if self.interrupted is not None:
+            data["interrupted"] = self.interrupted
         if self.binary is not None:
             data["binary"] = self.binary
         if self.gate is not None:
@@ -406,8 +410,8 @@ def _pooled(starts: list[ResultEntry]) -> ResultEntry:
     )
 
 
-_REPORT_KEYS = ("schema_version", "plugin_version", "started_at", "updated_at", "finished", "matrix_files",
-                "fingerprint", "results", "binary", "gate")  # fmt: skip
+_REPORT_KEYS = ("schema_version", "plugin_version", "started_at", "updated_at", "finished", "interrupted",
+                "matrix_files", "fingerprint", "results", "binary", "gate")  # fmt: skip
 
 
 def _from_llamabench(data: Mapping[str, Any], source: str) -> RunReport:
@@ -427,6 +431,7 @@ def _from_llamabench(data: Mapping[str, Any], source: str) -> RunReport:
         started_at=str(data.get("started_at") or ""),
         updated_at=str(data.get("updated_at") or ""),
         finished=data.get("finished") is not False,
+        interrupted=_opt_str(data.get("interrupted")),
         plugin_version=str(data.get("plugin_version") or ""),
         binary=dict(data["binary"]) if isinstance(data.get("binary"), Mapping) else None,
         gate=dict(data["gate"]) if isinstance(data.get("gate"), Mapping) else None,

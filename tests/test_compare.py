@@ -612,3 +612,9 @@ def test_starts_are_the_unit_and_the_detectable_change_shrinks_with_them() -> No
         return row.mde
 
     assert mde(8) < mde(4) < mde(2)
+
+
+def test_a_change_measured_on_a_busy_host_is_not_a_regression() -> None:
+    busy = [{**r, "host_load": {"busy": True, "other_cores": 0.98}} for r in starts(gen_tok_s=SLOW)]
+    row = only(run_compare(report(*starts(gen_tok_s=FAST)), report(*busy)), "gen_tok_s")
+    assert row.verdict == INCONCLUSIVE and "new run was measured on a busy host" in row.reason

@@ -138,3 +138,12 @@ def test_server_starts_are_interleaved_across_configs(tmp_path: Path) -> None:
     configs = list(load(tmp_path, "[configs.a]\nrestarts = 3\n[configs.b]\n[configs.c]\nrestarts = 2\n").configs.values())
     assert [c.instance for c in expand_starts(configs)] == ["a@1", "b", "c@1", "a@2", "c@2", "a@3"]
     assert [c.instance for c in expand_starts(configs, restarts=2)] == ["a@1", "b@1", "c@1", "a@2", "b@2", "c@2"]
+
+
+def test_a_directory_or_non_utf8_matrix_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory, not a matrix file"):
+        load_matrix([tmp_path])
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'[configs.a]\ndescription = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte 29\)"):
+        load_matrix([bad])

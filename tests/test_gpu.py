@@ -265,6 +265,21 @@ def test_sampler_sums_server_processes_over_devices(install: Any) -> None:
     sampler.stop()
 
 
+def test_sampler_sees_other_processes_and_throttled_clocks(install: Any) -> None:
+    dev = FakeDevice(processes=[(100, 3 * GIB)])
+    fake = install(FakeNvml([dev]))
+    sampler = _opened(fake, {100})
+    sampler.sample_once()
+    assert sampler.contention() == (1, 0, 0) and not sampler.foreign_pids
+    dev.processes.append((555, GIB))  # someone else's job lands on the GPU
+    fake.nvmlDeviceGetCurrentClocksEventReasons = lambda handle: 0x1 | 0x40  # idle + hw thermal
+    sampler.sample_once()
+    assert sampler.contention() == (2, 1, 1)
+    info = sampler.as_dict()
+    assert info["foreign_pids"] == [555] and info["throttle_reasons"] == ["hw-thermal"]
+    sampler.stop()
+
+
 def test_sampler_ignores_vanished_pids_and_unknown_memory(install: Any) -> None:
     dev = FakeDevice(processes=[(100, 2 * GIB), (101, None)])
     sampler = _opened(install(FakeNvml([dev])), {100, 101, 102})  # 102 has exited

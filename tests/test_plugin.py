@@ -203,20 +203,25 @@ def test_bad_model_file_is_caught_before_launch(pytester: pytest.Pytester, write
 def test_server_killed_mid_workload_is_server_died(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:
     matrix = write_matrix(
         "[configs.x]\n",
-        workloads="[workloads.long]\nprompt_tokens = 16\nn_predict = 4000\nrepetitions = 1\nwarmup = 0\n",
+        workloads="[workloads.long]\nprompt_tokens = 16\nn_predict = 4000\nrepetitions = 1\nwarmup = 0\n"
+        "[workloads.next]\nprompt_tokens = 16\nn_predict = 4\nrepetitions = 1\nwarmup = 0\n",
     )
     pytester.makepyfile(
         """
         import os, signal, threading, time
 
         def test_workload(llama_server, llama_workload, llamabench):
-            threading.Timer(1.5, os.kill, (llama_server.pid, signal.SIGKILL)).start()
+            if llama_workload.name == "long":
+                threading.Timer(1.5, os.kill, (llama_server.pid, signal.SIGKILL)).start()
             llamabench(llama_server, llama_workload)
         """
     )
     result = pytester.runpytest_subprocess(*bench_args(matrix))
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*server-died: x: llama-server died during the workload: *SIGKILL*"])
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*x-long*server-died: x: llama-server died during the workload: *SIGKILL*"])
+    # the next workload of that config says the server is dead, not a connection error
+    result.stdout.fnmatch_lines(["*x-next*server-died: x: *SIGKILL*"])
+    assert "ConnectError" not in result.stdout.str()
 
 
 def test_thresholds_fail_readably_and_pass_below(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:
@@ -274,11 +279,33 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
             proc.kill()
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     data = json.loads(report_path.read_text())
-    assert data["finished"] is True  # the session finished cleanly after the interrupt
+    assert data["finished"] is False and data["interrupted"], "an interrupted run must not look finished"
     done = [r for r in data["results"] if r["outcome"] == "passed"]
     assert done and all(r["metrics"]["gen_tok_s"]["n"] == 1 for r in done)
+    assert data["winner"]["winner"] is None and "partial run" in data["winner"]["line"]
+    assert "no winner from a partial run: interrupted" in out and " of 4 results" in out
     leftovers = subprocess.run(["pgrep", "-f", "llama-server.*--ctx-size 1031"], capture_output=True, text=True)
     assert leftovers.stdout == "", f"llama-server outlived the interrupted run: {leftovers.stdout}"
+
+
+def test_an_earlier_report_and_log_are_never_taken_for_this_runs(
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path
+) -> None:
+    old = tmp_path / "report.json"
+    old.write_text(json.dumps({"schema_version": 1, "finished": True, "started_at": "2020-01-01", "results": []}))
+    (tmp_path / "logs").mkdir()
+    stale = tmp_path / "logs" / "x.log"
+    stale.write_text("A LOG OF AN EARLIER RUN\n")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    matrix = write_matrix("[configs.x]\n")
+    pytester.makepyfile(MATRIX_TEST)
+    args = [a for a in bench_args(matrix) if not a.startswith("--llamabench-server-bin")]
+    result = pytester.runpytest_subprocess(*args, "--llamabench-server-bin=/nonexistent/llama-server")
+    result.assert_outcomes(errors=1)
+    assert "A LOG OF AN EARLIER RUN" not in result.stdout.str()
+    assert json.loads((tmp_path / "report.previous.json").read_text())["started_at"] == "2020-01-01"
+    report = json.loads(old.read_text())
+    assert report["started_at"] != "2020-01-01" and report["results"][0]["outcome"] == "error"
 
 
 def test_gpu_configs_skip_with_a_reason_or_fail_when_required(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:

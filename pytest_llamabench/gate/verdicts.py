@@ -211,6 +211,7 @@ def _compare_result(
                 row = compare_samples(a, b, tolerance, alpha=alpha, config=key[0], workload=key[1], metric=metric,
                                       units="starts" if starts > 1 else "repetitions",
                                       start_noise=START_NOISE if server_noise else None)  # fmt: skip
+                row = _busy(row, base, new)
                 if base_kind == "pytest-benchmark" and metric == TIME_S.name and row.n_base < MIN_SAMPLES:
                     row = dataclasses.replace(row, reason=row.reason + " (save samples with --benchmark-save-data)")
                 rows.append(row)
@@ -312,6 +313,15 @@ def _guarded(row: Row, base: Sequence[float], new: Sequence[float], alpha: float
                   f"start-to-start noise (±{start_noise:.0%}); measure with --llamabench-restarts=6")  # fmt: skip
         return dataclasses.replace(row, verdict=INCONCLUSIVE, reason=reason)
     return row
+
+
+def _busy(row: Row, base: ResultEntry, new: ResultEntry) -> Row:
+    """A change measured while other processes kept the host busy is not evidence either way."""
+    busy = [side for side, e in (("base", base), ("new", new)) if (e.host_load or {}).get("busy")]
+    if not busy or row.verdict not in (REGRESSED, IMPROVED):
+        return row
+    reason = f"{row.reason}, but the {' and '.join(busy)} run was measured on a busy host: not evidence"
+    return dataclasses.replace(row, verdict=INCONCLUSIVE, reason=reason)
 
 
 def _verdict(row: Row, base: Sequence[float], new: Sequence[float], tolerance: Tolerance, alpha: float) -> Row:

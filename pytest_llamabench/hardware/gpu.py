@@ -44,6 +44,11 @@ _FIXES = {
     REASON_NO_DEVICE: "run on a machine with an NVIDIA GPU, or select a CPU config",
 }
 
+#: Clock-event (throttle) reasons that slow a measurement down: NVML's nvmlClocksEventReason*
+#: bits, except idle (0x1), application clocks (0x2) and display clocks (0x100).
+THROTTLE_REASONS = {0x4: "sw-power-cap", 0x8: "hw-slowdown", 0x20: "sw-thermal", 0x40: "hw-thermal",
+                    0x80: "power-brake"}  # fmt: skip
+
 METHOD_PER_PROCESS = "per-process"
 METHOD_DEVICE_DELTA = "device-delta"
 
@@ -286,6 +291,13 @@ class VramSampler:
         self.method: str | None = None  # method of the latest sample that measured memory
         self.peak_method: str | None = None
         self.samples = 0
+        #: samples in which another process used one of the devices, or a device was throttled
+        self.contended_samples = 0
+        self.throttled_samples = 0
+        self.foreign_pids: set[int] = set()
+        self.throttle_reasons: set[str] = set()
+        self._foreign: set[int] = set()  # of the sample being taken
+        self._throttled: set[str] = set()
         self.errors = 0
         self.last_error = ""
         self._nv: ModuleType | None = None
@@ -384,6 +396,7 @@ class VramSampler:
             return None
         try:
             pids = set(self._pids())
+            self._foreign, self._throttled = set(), set()
             if pids:
                 value, method, by_device = self._measure(nv, pids)
             else:
@@ -394,7 +407,17 @@ class VramSampler:
                 self.last_error = f"{type(exc).__name__}: {exc}"
             return None
         self._record(value, method, by_device)
+        with self._lock:
+            self.foreign_pids |= self._foreign
+            self.throttle_reasons |= self._throttled
+            self.contended_samples += bool(self._foreign)
+            self.throttled_samples += bool(self._throttled)
         return value
+
+    def contention(self) -> tuple[int, int, int]:
+        """(samples, samples with another process on a device, throttled samples) so far."""
+        with self._lock:
+            return self.samples, self.contended_samples, self.throttled_samples
 
     def _measure(self, nv: ModuleType, pids: set[int]) -> tuple[float, str | None, dict[str, float]]:
         """(MiB over all devices, method, MiB per device)."""
@@ -408,6 +431,9 @@ class VramSampler:
                 if int(proc.pid) in pids and used is not None:
                     per_process[key] += int(used) / MIB
                     matched = True
+                elif int(proc.pid) not in pids and int(proc.pid) != os.getpid():  # not the server, not a ballast
+                    self._foreign.add(int(proc.pid))
+            self._throttled |= _throttle_reasons(nv, handle)
             device_used[key] = self._device_used(nv, handle) / MIB
         if matched:
             return sum(per_process.values()), METHOD_PER_PROCESS, per_process
@@ -464,9 +490,25 @@ class VramSampler:
                 "method": self.method,
                 "peak_method": self.peak_method,
                 "baseline_mib": self.baseline_mib,
+                "foreign_pids": sorted(self.foreign_pids),
+                "throttle_reasons": sorted(self.throttle_reasons),
                 "errors": self.errors,
                 "last_error": self.last_error,
             }
+
+
+def _throttle_reasons(nv: ModuleType, handle: Any) -> set[str]:
+    """The slowing clock-event reasons NVML reports now (empty where the driver has no such call)."""
+    call = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+    )
+    if call is None:
+        return set()
+    try:
+        mask = int(call(handle))
+    except Exception:  # not supported on this device or driver
+        return set()
+    return {name for bit, name in THROTTLE_REASONS.items() if mask & bit}
 
 
 def discover_devices(environ: Mapping[str, str] | None = None) -> list[Device]:

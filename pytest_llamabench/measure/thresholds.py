@@ -24,9 +24,13 @@ def check_thresholds(entry: ResultEntry, thresholds: Thresholds) -> None:
         return
     load = entry.host_load or {}
     if load.get("busy"):
-        advice = (f"measured while the host was busy (other processes used {load['other_cores']:.2f} of "
-                  f"{load.get('cores')} cores), so this says nothing about llama-server: rerun on a quiet host, "
-                  f"or pass --llamabench-retry-busy=N to measure again while it is busy")  # fmt: skip
+        what = f"other processes used {load.get('other_cores') or 0:.2f} of {load.get('cores')} cores"
+        if load.get("gpu_contended_samples"):
+            what += f"; other processes used the GPU ({load.get('gpu_foreign_pids')})"
+        if load.get("gpu_throttled_samples"):
+            what += f"; GPU clocks were throttled ({', '.join(load.get('gpu_throttle_reasons') or [])})"
+        advice = (f"measured while the host was busy ({what}), so this says nothing about llama-server: "
+                  f"rerun on a quiet host, or pass --llamabench-retry-busy=N to measure again while it is busy")  # fmt: skip
     else:
         advice = "lower the threshold there or fix the regression"
     raise ThresholdNotMet(f"{entry.config}/{entry.workload}: threshold not met: " + "; ".join(misses)

@@ -71,9 +71,11 @@ def build_rows(results: Iterable[ResultEntry], descriptions: Mapping[str, str] |
 
 
 def build_table(
-    results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None
+    results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None, *, partial: str | None = None
 ) -> tuple[list[Row], list[str], WinnerVerdict]:
-    """Rows, workload columns and the winner verdict, from one entry per config x workload."""
+    """Rows, workload columns and the winner verdict, from one entry per config x workload.
+
+    ``partial`` (why the results are incomplete) names no winner."""
     rows: dict[str, Row] = {}
     workloads: list[str] = []
     for result in results:
@@ -99,7 +101,7 @@ def build_table(
     ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s and not r.busy]
     # equal speed: the config with less VRAM, then less RSS, goes first
     ranked.sort(key=lambda r: (-(r.vram_mib or 0), -(r.rss_mib or 0)), reverse=True)
-    verdict = decide([Candidate(r.config, r.gen_samples, r.starts) for r in ranked])
+    verdict = decide([Candidate(r.config, r.gen_samples, r.starts) for r in ranked], partial=partial)
     for row in rows.values():
         row.winner = row.config == verdict.winner
         row.tie = verdict.winner is None and row.config in (verdict.best, verdict.runner_up)

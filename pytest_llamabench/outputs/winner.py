@@ -44,8 +44,11 @@ class WinnerVerdict:
     ci: tuple[float, float] | None = None
     starts: int = 1
     reason: str = ""
+    partial: str | None = None
 
     def line(self) -> str:
+        if self.partial:
+            return f"no winner from a partial run: {self.partial}"
         if self.best is None:
             return "no winner: no config passed every workload"
         if self.runner_up is None:
@@ -61,8 +64,11 @@ class WinnerVerdict:
                 "noise_floor": NOISE_FLOOR, "confidence": CONFIDENCE}  # fmt: skip
 
 
-def decide(candidates: Sequence[Candidate], *, seed: int = 0) -> WinnerVerdict:
-    """Rank by mean generation tok/s over workloads; the top must beat the second beyond noise."""
+def decide(candidates: Sequence[Candidate], *, seed: int = 0, partial: str | None = None) -> WinnerVerdict:
+    """Rank by mean generation tok/s over workloads; the top must beat the second beyond noise.
+    A partial run (``partial`` says why) names no winner."""
+    if partial:
+        return WinnerVerdict(None, None, partial=partial)
     ranked = sorted(candidates, key=lambda c: c.mean, reverse=True)
     if not ranked:
         return WinnerVerdict(None, None)

@@ -90,6 +90,7 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
     for item in items:
         if item.get_closest_marker("llamabench_oom") and not item.get_closest_marker("xfail"):
             item.add_marker(_expected_oom(f"@pytest.mark.llamabench_oom on {item.nodeid}"))
@@ -172,7 +173,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash[STATE]
-    if state.is_controller and state.finish() and session.exitstatus == 0:
+    interrupted = exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldstop
+    why = (str(session.shouldstop) if isinstance(session.shouldstop, str) else "Ctrl-C or SIGTERM") if interrupted else None
+    if state.is_controller and state.finish(why) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED  # the regression gate failed
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class RunState:
         self.gate = gate
         self.report: RunReport | None = None
         self.gate_result: Any = None  # gate.Comparison, or the LlamabenchError that stopped it
+        self.started = time.time()
+        self.expected_tests: int | None = None  # matrix tests collected (unknown on an xdist controller)
 
     @property
     def is_controller(self) -> bool:
@@ -96,6 +99,7 @@ class RunState:
         if workerinput and "llamabench_run_id" in workerinput:
             settings.run_id = workerinput["llamabench_run_id"]
         gate = None
+        tolerances = options.value(config, "tolerance")[0] or []  # parsed (and checked) with or without a baseline
         baseline, _ = options.path_value(config, "baseline")
         if baseline is not None:
             from pytest_llamabench.gate import Tolerances, load_report
@@ -103,7 +107,7 @@ class RunState:
             gate = GateSettings(
                 baseline=load_report(baseline),
                 path=baseline,
-                tolerances=Tolerances(options.value(config, "tolerance")[0] or []),
+                tolerances=Tolerances(tolerances),
                 fingerprint=options.value(config, "fingerprint")[0],
                 alpha=options.value(config, "alpha")[0],
             )
@@ -151,9 +155,12 @@ class RunState:
 
         return probe_gpu()
 
-    def log_tail(self, config_name: str, lines: int = 40) -> str:
-        path = self.bench.settings.log_dir / f"{config_name}.log"
+    def log_tail(self, instance: str, lines: int = 40) -> str:
+        """The end of this run's server log of a config start; never a log an earlier run left."""
+        path = self.bench.settings.log_dir / f"{instance}.log"
         try:
+            if path.stat().st_mtime < self.started - 1:
+                return ""
             return "\n".join(path.read_text(errors="replace").rstrip().splitlines()[-lines:])
         except OSError:
             return ""
@@ -186,7 +193,12 @@ class RunState:
         if self._uses_containers:
             messages += self._sweep_containers()
         files = [str(p) for p in self.matrix.files] if self.matrix else []
-        # written with the first result, so runs without benchmarks leave no file behind
+        # written with the first result, so runs without benchmarks leave no file behind; an
+        # earlier run's report is moved aside at once, so it is never taken for this run's
+        if self.report_path.exists():
+            previous = self.report_path.with_name(f"{self.report_path.stem}.previous{self.report_path.suffix}")
+            os.replace(self.report_path, previous)
+            messages.append(f"moved the previous run's report to {previous}")
         self.report = RunReport(fingerprint=self.fingerprint(), matrix_files=files)
         return messages
 
@@ -205,8 +217,10 @@ class RunState:
         if self.report.record(phase) is not None:
             self.report.write(self.report_path)
 
-    def finish(self) -> bool:
-        """Controller only: final report write, GPU end state, gate. True if the gate failed."""
+    def finish(self, interrupted: str | None = None) -> bool:
+        """Controller only: final report write, GPU end state, gate. True if the gate failed.
+
+        An interrupted run's report says ``finished: false`` and why, and names no winner."""
         if self._uses_containers:
             try:
                 from pytest_llamabench.server.docker import docker_client, remove_run_containers
@@ -220,11 +234,12 @@ class RunState:
         if report.fingerprint.get("gpus"):
             report.fingerprint["gpus_at_end"] = self._gpus()
         report.binary = self.bench.describe_binary() or None
+        report.interrupted = interrupted
         regressed = False
         if self.gate is not None:
             regressed = self._run_gate(report, self.gate)
         table = self._table(markdown=True)  # also puts the winner verdict in the report
-        report.write(self.report_path, finished=True)
+        report.write(self.report_path, finished=interrupted is None)
         if table:
             markdown.write(self.report_path.with_suffix(".md"), table)
         return regressed
@@ -246,7 +261,11 @@ class RunState:
     def _table(self, markdown: bool) -> str:
         assert self.report is not None
         descriptions = {n: c.description for n, c in self.matrix.configs.items()} if self.matrix else {}
-        rows, workloads, verdict = build_table(self.report.per_unit(), descriptions)
+        partial = None
+        if self.report.interrupted:
+            done = len(self.report.results)
+            partial = f"interrupted ({self.report.interrupted}): {done} of {self.expected_tests or '?'} results"
+        rows, workloads, verdict = build_table(self.report.per_unit(), descriptions, partial=partial)
         self.report.extra["winner"] = verdict.as_dict()
         return render(rows, workloads, markdown=markdown, verdict=verdict) if rows else ""
 

@@ -56,8 +56,10 @@ class LlamaClient:
         return self._json("GET", "/props")
 
     def tokenize(self, text: str) -> list[int]:
-        tokens = self._json("POST", "/tokenize", json={"content": text, "add_special": False})["tokens"]
-        return [int(t) for t in tokens]
+        tokens = self._json("POST", "/tokenize", json={"content": text, "add_special": False}).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise RequestFailed(f"POST /tokenize returned no list of token ids: {_short(tokens)}")
+        return tokens
 
     def detokenize(self, tokens: list[int]) -> str:
         return str(self._json("POST", "/detokenize", json={"tokens": tokens})["content"])
