@@ -145,5 +145,5 @@ def test_a_directory_or_non_utf8_matrix_is_one_clear_error(tmp_path: Path) -> No
         load_matrix([tmp_path])
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b'[configs.a]\ndescription = "caf\xe9"\n')
-    with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte 29\)"):
+    with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte 30\)"):
         load_matrix([bad])
