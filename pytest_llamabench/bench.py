@@ -156,7 +156,7 @@ def measure(
     The CPU time other processes took meanwhile is measured; a measurement taken on a busy
     host is marked (``host_load.busy``) and, with ``retry_busy``, taken again up to that often.
     """
-    running.server.ensure_alive()  # a server that died during an earlier workload: say so, once
+    running.server.ensure_alive(grace_s=0)  # one that died during an earlier workload: say so
     for attempt in range(retry_busy + 1):
         gpu_before = running.vram.contention() if running.vram is not None else (0, 0, 0)
         with CpuContention(running.server.pids, busy_cores) as contention:

@@ -218,9 +218,11 @@ def test_server_killed_mid_workload_is_server_died(pytester: pytest.Pytester, wr
     )
     result = pytester.runpytest_subprocess(*bench_args(matrix))
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(["*x-long*server-died: x: llama-server died during the workload: *SIGKILL*"])
-    # the next workload of that config says the server is dead, not a connection error
-    result.stdout.fnmatch_lines(["*x-next*server-died: x: *SIGKILL*"])
+    result.stdout.fnmatch_lines([
+        "x/long: failed [[]server-died[]] x: llama-server died during the workload: *SIGKILL*",
+        # the next workload of that config says the server is dead, not a connection error
+        "x/next: failed [[]server-died[]] x: llama-server died during an earlier workload: *SIGKILL*",
+    ])  # fmt: skip
     assert "ConnectError" not in result.stdout.str()
 
 
@@ -301,11 +303,34 @@ def test_an_earlier_report_and_log_are_never_taken_for_this_runs(
     pytester.makepyfile(MATRIX_TEST)
     args = [a for a in bench_args(matrix) if not a.startswith("--llamabench-server-bin")]
     result = pytester.runpytest_subprocess(*args, "--llamabench-server-bin=/nonexistent/llama-server")
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(errors=2)  # both workloads of x: no llama-server to start
     assert "A LOG OF AN EARLIER RUN" not in result.stdout.str()
     assert json.loads((tmp_path / "report.previous.json").read_text())["started_at"] == "2020-01-01"
     report = json.loads(old.read_text())
     assert report["started_at"] != "2020-01-01" and report["results"][0]["outcome"] == "error"
+
+
+def test_a_busy_host_is_flagged_not_blamed_on_the_server(
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path
+) -> None:
+    # a real neighbour: another process spinning on one core while a 1-thread server is measured
+    matrix = write_matrix("[configs.x]\nthreads = 1\nthresholds = { min_gen_tok_s = 1000000 }\n")
+    pytester.makepyfile(MATRIX_TEST)
+    args = [a for a in bench_args(matrix) if not a.startswith("--llamabench-busy-cores")]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        result = pytester.runpytest_subprocess(*args, "--llamabench-workload=short")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*threshold not met: gen_tok_s median * (set in *); measured while the host was busy (other processes "
+        "used * of * cores), so this says nothing about llama-server*--llamabench-retry-busy*",
+        "x *busy host: not ranked*",
+    ])  # fmt: skip
+    entry = json.loads((tmp_path / "report.json").read_text())["results"][0]
+    assert entry["host_load"]["busy"] and entry["host_load"]["other_cores"] > 0.5, entry["host_load"]
 
 
 def test_gpu_configs_skip_with_a_reason_or_fail_when_required(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:

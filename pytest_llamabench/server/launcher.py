@@ -80,6 +80,7 @@ class Server(abc.ABC):
         self.props: dict[str, Any] = {}
         self.load_seconds: float | None = None
         self._client: LlamaClient | None = None
+        self._death_reported = False
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -144,10 +145,9 @@ class Server(abc.ABC):
             time.sleep(0.05)
         if not self._alive():
             cause = self._exit_error()
-            raise ServerDied(
-                f"{self.config.name}: llama-server died during the workload: {cause.message}",
-                log_tail=cause.log_tail,
-            )
+            when = "during an earlier workload" if self._death_reported else "during the workload"
+            self._death_reported = True
+            raise ServerDied(f"{self.config.name}: llama-server died {when}: {cause.message}", log_tail=cause.log_tail)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
