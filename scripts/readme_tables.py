@@ -1,0 +1,124 @@
+"""Write the README's result tables from the committed run reports under docs/.
+
+Each table sits between ``<!-- generated: NAME -->`` and ``<!-- /generated -->`` in README.md
+and is made here from a JSON report, never typed by hand.
+
+    python scripts/readme_tables.py          # rewrite README.md
+    python scripts/readme_tables.py --check  # exit 1 if README.md is out of date (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pytest_llamabench.outputs.table import build_table, render
+from pytest_llamabench.results import RunReport
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+_BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
+
+
+def _load(path: str) -> Any:
+    return json.loads((REPO / path).read_text())
+
+
+def results_table(path: str) -> str:
+    """The results table of a run report, with today's winner rule."""
+    report = RunReport.load(REPO / path)
+    rows, workloads, verdict = build_table(report.per_unit())
+    return f"From `{path}`:\n\n" + render(rows, workloads, markdown=True, verdict=verdict)
+
+
+def start_spread(*paths: str) -> str:
+    lines = ["| variant | per-start median gen tok/s | spread across starts | CV across starts | busy starts | report |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        data = _load(path)
+        for name, s in data["summary"].items():
+            medians = " ".join(f"{m:.1f}" for m in s["medians"])
+            lines.append(f"| {name} | {medians} | {s['spread']:.1%} | {s['cv']:.1%} | {s['busy']} | `{path}` |")
+    host = _load(paths[0])["host"]
+    return f"{host['cpu']}, {host['cores']} cores, config `base`, fresh servers interleaved across variants:\n\n" + "\n".join(lines) + "\n"
+
+
+def gate_accuracy(*paths: str) -> str:
+    lines = ["| run | identical pairs: false regressions | slow pairs: caught | gen tok/s ratio, identical | ratio, slow | detects (median) | busy starts | report |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        data = _load(path)
+        args = data["args"]
+        pairs = data["pairs"]
+        n = sum(p["kind"] == "identical" for p in pairs)
+        false = sum(p["kind"] == "identical" and p["outcome"] == "regressed" for p in pairs)
+        inconclusive = sum(p["kind"] == "identical" and p["outcome"] == "inconclusive" for p in pairs)
+        caught = sum(p["kind"] == "slow" and p["outcome"] == "regressed" for p in pairs)
+        ratios = {kind: sorted(r["ratio"] for p in pairs if p["kind"] == kind for r in p["rows"] if r["metric"] == "gen_tok_s")
+                  for kind in ("identical", "slow")}  # fmt: skip
+        mdes = [r["mde"] for p in pairs for r in p["rows"] if r["metric"] == "gen_tok_s" and r.get("mde") is not None]
+        entries = [e for run in data["runs"] for e in run["entries"]]
+        busy = sum(bool((e.get("host_load") or {}).get("busy")) for e in entries)
+        what = f"{args['starts']} starts × R {args['repetitions']}" + (f", neighbour {args['neighbour']}" if args.get("neighbour") not in (None, "None") else "")
+        span = {k: f"{statistics.median(v):.3f} ({v[0]:.2f}–{v[-1]:.2f})" for k, v in ratios.items()}
+        lines.append(f"| {what} | **{false}/{n}** ({inconclusive} inconclusive) | **{caught}/{n}** | {span['identical']} | "
+                     f"{span['slow']} | {statistics.median(mdes):.1%} | {busy}/{len(entries)} | `{path}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def gpu_noise(path: str) -> str:
+    data = _load(path)
+    starts: dict[str, list[tuple[int, float]]] = {}
+    for r in data["results"]:
+        starts.setdefault(r["config"], []).append((r["start"], r["metrics"]["gen_tok_s"]["median"]))
+    lines = ["| config | gen tok/s per start (short) | spread | CV |", "|---|---|---|---|"]
+    for config, values in starts.items():
+        medians = [m for _, m in sorted(values)]
+        cv = statistics.stdev(medians) / statistics.fmean(medians)
+        lines.append(f"| {config} | {' '.join(f'{m:.1f}' for m in medians)} | {max(medians) / min(medians) - 1:.1%} | {cv:.1%} |")
+    gpu = (data["fingerprint"].get("gpus") or [{}])[0].get("name", "GPU")
+    return f"{gpu}, 16 GiB budget, `{path}`:\n\n" + "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "gpu-matrix": lambda: results_table("docs/gpu-run/synthetic-matrix-16GiB.json"),
+    "start-spread": lambda: start_spread("docs/noise/start-spread-knobs.json", "docs/noise/start-spread-strict.json"),
+    "gate-accuracy": lambda: gate_accuracy("docs/noise/gate-accuracy-6-starts.json",
+                                           "docs/noise/gate-accuracy-busy-neighbour.json"),  # fmt: skip
+    "gpu-noise": lambda: gpu_noise("docs/noise/gpu/noise.json"),
+}
+
+
+def rendered(text: str) -> str:
+    def fill(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"README.md: unknown generated block {name!r}; known: {', '.join(TABLES)}")
+        return f"{match.group(1)}{TABLES[name]()}{match.group(4)}"
+
+    return _BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the reports")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = rendered(text)
+    if args.check:
+        if new != text:
+            print("README.md is out of date with docs/: run python scripts/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
