@@ -59,7 +59,8 @@ from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.launcher import LocalServer
 from pytest_llamabench.hardware.host import host_fingerprint
 from pytest_llamabench.metrics import GEN_TOK_S
-from pytest_llamabench.results import ResultEntry, RunReport, Summary
+from pytest_llamabench.results import ResultEntry, RunReport
+from pytest_llamabench.stats import Summary
 from pytest_llamabench.bench import RunningServer, measure
 
 REPO = Path(__file__).resolve().parent.parent

@@ -124,7 +124,7 @@ class Bench:
             server = self.make_server(config)
             vram = None
             if config.gpu:
-                from pytest_llamabench.hardware.gpu import VramSampler
+                from pytest_llamabench.hardware.vram import VramSampler
 
                 vram = stack.enter_context(VramSampler(server.pids, devices=devices))
             try:

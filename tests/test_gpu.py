@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from pytest_llamabench.hardware import ballast as ballast_module
-from pytest_llamabench.hardware import gpu
+from pytest_llamabench.hardware import gpu, vram
 from pytest_llamabench.hardware.ballast import GIB, MIB, VramBallast, fill, format_uuid
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
-from pytest_llamabench.hardware.gpu import GpuStatus, VramSampler, probe_gpu, require_gpu, snapshot_gpus
+from pytest_llamabench.hardware.gpu import GpuStatus, probe_gpu, require_gpu, snapshot_gpus
+from pytest_llamabench.hardware.vram import VramSampler
 from pytest_llamabench.hardware.device import Device, select_visible, visible_devices_env
 from pytest_llamabench.hardware.gpu import discover_devices
 
@@ -936,7 +937,7 @@ def test_bench_passes_devices_to_servers_ballast_and_sampler(
             pass
 
     monkeypatch.setattr(ballast_module, "VramBallast", Recorder)
-    monkeypatch.setattr(gpu, "VramSampler", Recorder)
+    monkeypatch.setattr(vram, "VramSampler", Recorder)
     monkeypatch.setattr(bench, "make_server", lambda config: NoServer())
     with bench.launch(_gpu_config(vram_budget=GIB)):
         pass

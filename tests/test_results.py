@@ -18,7 +18,8 @@ from pytest_llamabench.hardware.host import CpuContention
 from pytest_llamabench.measure.sample import Sample
 from pytest_llamabench.measure.thresholds import check_thresholds
 from pytest_llamabench.outputs.table import build_rows, build_table, render
-from pytest_llamabench.results import Failure, ResultEntry, RunReport, Summary
+from pytest_llamabench.results import Failure, ResultEntry, RunReport
+from pytest_llamabench.stats import Summary
 
 
 def entry(config: str, workload: str, gen: list[float] | None = None, outcome: str | None = "passed",

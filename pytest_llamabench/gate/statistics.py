@@ -11,7 +11,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from pytest_llamabench.results import percentile
+from pytest_llamabench.stats import percentile
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

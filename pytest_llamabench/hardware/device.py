@@ -86,4 +86,4 @@ def _match(present: Sequence[Device], entry: str, value: str) -> Device:
     )
 
 
-__all__ = ["Device", "discover_devices", "select_visible", "visible_devices_env"]
+__all__ = ["Device", "select_visible", "visible_devices_env"]

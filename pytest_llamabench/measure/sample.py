@@ -17,7 +17,7 @@ from typing import Any
 
 from pytest_llamabench.config import Workload
 from pytest_llamabench.errors import MeasurementInvalid
-from pytest_llamabench.results import percentile
+from pytest_llamabench.stats import percentile
 from pytest_llamabench.server.client import StreamResult
 from pytest_llamabench.server.launcher import Server
 

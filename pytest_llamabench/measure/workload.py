@@ -12,7 +12,7 @@ from pytest_llamabench.errors import RequestFailed
 from pytest_llamabench.measure.kinds import KINDS
 from pytest_llamabench.measure.sample import Prompts, Sample
 from pytest_llamabench.metrics import RSS_PEAK_MIB, SAMPLE_METRICS, VRAM_PEAK_MIB
-from pytest_llamabench.results import Summary
+from pytest_llamabench.stats import Summary
 from pytest_llamabench.server.launcher import Server
 
 Runner = Callable[[Callable[[], None], int, int], None]

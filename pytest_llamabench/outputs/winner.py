@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytest_llamabench.results import percentile
+from pytest_llamabench.stats import percentile
 
 NOISE_FLOOR = 0.10
 CONFIDENCE = 0.95
