@@ -14,7 +14,6 @@ Variants: default, poll0/poll100 (``--poll``: how llama.cpp's threads wait for w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,9 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gate_accuracy import cpu_quota  # this folder: python benchmarks/start_spread.py
 
 from pytest_llamabench.bench import RunningServer, measure
 from pytest_llamabench.config import ServerConfig, Workload, load_matrix
@@ -46,23 +46,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "quota1.8": {"cpu_quota": 1.8},
     "quota1.9": {"cpu_quota": 1.9},
 }
-CGROUP = Path("/sys/fs/cgroup/cpu/llamabench-slow")
-
-
-@contextlib.contextmanager
-def cpu_quota(pids: set[int], cores: float | None) -> Iterator[None]:
-    """A real slowdown: the server's processes in a cgroup (v1) limited to ``cores`` CPUs."""
-    if cores is None:
-        yield
-        return
-    CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "cpu.cfs_period_us").write_text("100000")
-    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(cores * 100000)))
-    for pid in pids:
-        (CGROUP / "cgroup.procs").write_text(str(pid))
-    yield
-
-
 def variant(base: ServerConfig, name: str) -> ServerConfig:
     spec = VARIANTS[name]
     server = {**base.server, **{k: v for k, v in spec.items() if k in base.server or k == "threads"}}
