@@ -234,3 +234,26 @@ def test_cpu_taken_by_other_processes_is_measured_and_the_servers_own_is_not() -
     finally:
         server.wait()
     assert own.other_cores is not None and own.other_cores < other.other_cores - 0.4, (own.as_dict(), other.as_dict())
+
+
+def test_a_zero_generation_time_is_an_invalid_measurement_not_infinite_speed() -> None:
+    from pytest_llamabench.errors import MeasurementInvalid
+    from pytest_llamabench.measure.sample import aggregate
+
+    timings = {"predicted_n": 16, "predicted_ms": 0.0, "prompt_n": 8, "prompt_ms": 5.0, "cache_n": 0}
+    with pytest.raises(MeasurementInvalid, match="predicted_ms = 0 for 15 generated tokens"):
+        aggregate([(0.0, [0.1, 0.2], 0.3, timings)])
+
+
+def test_a_bad_tolerance_in_the_environment_fails_at_start_without_a_baseline(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    monkeypatch.setenv("LLAMABENCH_TOLERANCE", "bogus")
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*LLAMABENCH_TOLERANCE: *'bogus' is not a tolerance*"])
+    monkeypatch.delenv("LLAMABENCH_TOLERANCE")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--llamabench-alpha=5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--llamabench-alpha*'5' is not a significance level*"])
