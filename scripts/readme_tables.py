@@ -88,6 +88,7 @@ def gpu_noise(path: str) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "gpu-matrix": lambda: results_table("docs/gpu-run/synthetic-matrix-16GiB.json"),
+    "default-matrix": lambda: results_table("docs/default-run/report.json"),
     "start-spread": lambda: start_spread("docs/noise/start-spread-knobs.json", "docs/noise/start-spread-strict.json"),
     "gate-accuracy": lambda: gate_accuracy("docs/noise/gate-accuracy-6-starts.json",
                                            "docs/noise/gate-accuracy-busy-neighbour.json"),  # fmt: skip
