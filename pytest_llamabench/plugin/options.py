@@ -31,37 +31,25 @@ def _tolerance(value: str) -> Any:
     return parse_tolerance(value)
 
 
-def _at_least(minimum: int, what: str) -> Callable[[str], int]:
-    def parse(value: str) -> int:
+def _number(convert: Callable[[str], float], ok: Callable[[float], bool], problem: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that converts, checks the range, and says what is wrong."""
+
+    def parse(value: str) -> Any:
         try:
-            number = int(value)
+            number = convert(value)
         except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"{value!r}: {what} must be a whole number >= {minimum}")
+            number = None
+        if number is None or not ok(number):
+            raise argparse.ArgumentTypeError(f"{value!r} {problem}")
         return number
 
     return parse
 
 
-def _alpha(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a significance level; use a number in (0, 1), e.g. 0.05")
-    return number
-
-
-def _cores(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 < number <= 1024:
-        raise argparse.ArgumentTypeError(f"{value!r}: give the CPU cores other processes may use, e.g. 0.2")
-    return number
+_alpha = _number(float, lambda a: 0 < a < 1, "is not a significance level; use a number in (0, 1), e.g. 0.05")
+_cores = _number(float, lambda c: 0 < c <= 1024, "is not a number of cores; give the CPU cores other processes may use, e.g. 0.2")
+_restarts = _number(int, lambda n: n >= 1, "is not a number of restarts; use a whole number >= 1")
+_retries = _number(int, lambda n: n >= 0, "is not a number of retries; use a whole number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +93,9 @@ OPTIONS = (
            choices=("refuse", "warn"), default="refuse"),  # fmt: skip
     Option("alpha", "significance level of the regression gate", type=_alpha, default=0.05),
     Option("restarts", "fresh servers per config, interleaved across configs (the server start is the unit)",
-           type=_at_least(1, "restarts")),  # fmt: skip
+           type=_restarts),  # fmt: skip
     Option("retry-busy", "measure a workload again, up to N times, when other processes kept the host busy",
-           type=_at_least(0, "retry-busy"), default=0),  # fmt: skip
+           type=_retries, default=0),  # fmt: skip
     Option("busy-cores", "a measurement is 'busy' when other processes used more than this many cores",
            type=_cores, default=0.25),  # fmt: skip
 )
