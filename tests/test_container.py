@@ -32,6 +32,11 @@ MIB = 1024 * 1024
 def containers_with_label(run_id: str, client: Any = None) -> list[Any]:
     """Every container (running or not) of pytest-llamabench run ``run_id``."""
     client = client or docker_client()
+    for _ in range(10):
+        try:
+            return list(client.containers.list(all=True, filters={"label": [f"{dk.LABEL_RUN_ID}={run_id}"]}))
+        except dk.docker_sdk().errors.NotFound:  # one was removed between listing and inspecting it
+            time.sleep(0.1)
     return list(client.containers.list(all=True, filters={"label": [f"{dk.LABEL_RUN_ID}={run_id}"]}))
 
 

@@ -239,7 +239,8 @@ def test_sigint_removes_the_container(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        if proc.stdout is not None and not proc.stdout.closed:
+            proc.communicate()  # reaps it and closes its pipe, also after a failed assertion
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert "KeyboardInterrupt" in out
     assert_no_containers(client, inner_sessions(recorded))
@@ -265,7 +266,8 @@ def test_sigkilled_xdist_worker_container_is_removed_by_the_controller(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        if proc.stdout is not None and not proc.stdout.closed:
+            proc.communicate()  # reaps it and closes its pipe, also after a failed assertion
     assert proc.returncode == pytest.ExitCode.TESTS_FAILED, out
     assert "worker 'gw0' crashed while running '" in out and "test_workload[boxed-long]'" in out, out
     all_sessions = inner_sessions(recorded)
@@ -290,7 +292,8 @@ def test_sigkilled_session_container_is_swept_by_the_next_session(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        if proc.stdout is not None and not proc.stdout.closed:
+            proc.communicate()  # reaps it and closes its pipe, also after a failed assertion
     (crashed,) = inner_sessions(recorded)
     try:
         assert [c.id for c in containers_with_label(crashed["run_id"], client)] == [running.id]  # left behind
