@@ -239,8 +239,20 @@ def _select(known: Mapping[str, object], patterns: Sequence[str], where: str, wh
 _SERVER_KEYS = (*SERVER_FLAGS, "override_tensor", "args", "env")
 _CONFIG_KEYS = (
     "extends", "model", "description", "gpu", "marks", "expect", "image", "memory_limit",
-    "vram_budget", "ready_timeout_s", "thresholds", "restarts", *_SERVER_KEYS,
+    "vram_budget", "ready_timeout_s", "thresholds", "restarts", "allow_public_host", *_SERVER_KEYS,
 )  # fmt: skip
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_host(args: Sequence[str], table: _Table) -> None:
+    """llama-server binds 127.0.0.1; ``args`` may not open it to the network unless the config says so."""
+    for i, arg in enumerate(args):
+        host = args[i + 1] if arg == "--host" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--host=") else None
+        if host is not None and host not in _LOOPBACK and not table.get("allow_public_host", bool, False):
+            raise ConfigError(
+                f"{table.at('args')}: --host {host} makes llama-server listen beyond this machine, with no API "
+                f"key unless you set one; remove it, or set allow_public_host = true in this config if you mean it"
+            )
 
 
 def _server_values(table: _Table) -> dict[str, Any]:
@@ -444,6 +456,7 @@ def _config(name: str, table: _Table, models: Mapping[str, ModelSpec]) -> Server
     timeout = table.get("ready_timeout_s", float, 120.0)
     if timeout <= 0:
         raise ConfigError(f"{table.at('ready_timeout_s')}: must be > 0")
+    _check_host(values.get("args", ()), table)
     restarts = table.get("restarts", int, 1)
     if restarts < 1:
         raise ConfigError(f"{table.at('restarts')}: {restarts} fresh servers cannot be measured; use restarts >= 1")

@@ -72,6 +72,8 @@ n_cpu_moe = 32
         ("[configs.a]\nexpect = \"slow\"\n", "m.toml:configs.a.expect: 'slow' is not one of oom"),
         ("[configs.a]\nthresholds = { min_tok_s = 3 }\n", "configs.a.thresholds.min_tok_s: unknown key"),
         ("[configs.a]\nvram_budget = \"lots\"\n", "configs.a.vram_budget: 'lots' is not a size"),
+        ("[configs.a]\nargs = [\"--host\", \"0.0.0.0\"]\n", "m.toml:configs.a.args: --host 0.0.0.0 makes llama-server listen beyond this machine"),
+        ("[configs.a]\nargs = [\"--host=10.0.0.5\"]\n", "set allow_public_host = true in this config if you mean it"),
         ("[configs.a]\nrestarts = 0\n", "m.toml:configs.a.restarts: 0 fresh servers cannot be measured; use restarts >= 1"),
         ("[workloads.w]\nkind = \"completion\"\nturns = 3\n", "workloads.w.turns: only chat workloads have turns"),
     ],
@@ -147,3 +149,8 @@ def test_a_directory_or_non_utf8_matrix_is_one_clear_error(tmp_path: Path) -> No
     bad.write_bytes(b'[configs.a]\ndescription = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: not UTF-8 text \(byte 30\)"):
         load_matrix([bad])
+
+
+def test_a_public_host_is_allowed_when_the_config_says_so(tmp_path: Path) -> None:
+    matrix = load(tmp_path, '[configs.a]\nargs = ["--host", "0.0.0.0"]\nallow_public_host = true\n')
+    assert matrix.configs["a"].args == ("--host", "0.0.0.0")  # type: ignore[attr-defined]

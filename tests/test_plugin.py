@@ -348,9 +348,13 @@ def test_gpu_configs_skip_with_a_reason_or_fail_when_required(pytester: pytest.P
     result.stdout.fnmatch_lines(["*--llamabench-require-gpu is set*"])
 
 
-def test_api_key_is_used_and_never_reported(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["LLAMABENCH_API_KEY", "LLAMA_API_KEY", "args"])
+def test_api_key_is_used_and_never_reported(
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, where: str
+) -> None:
     secret = "sk-llamabench-test-4f1c9e"
-    matrix = write_matrix("[configs.k]\n", workloads="[workloads.w]\nprompt_tokens = 8\nn_predict = 4\nrepetitions = 1\nwarmup = 0\n")
+    config = f'[configs.k]\nargs = ["--api-key", "{secret}"]\n' if where == "args" else "[configs.k]\n"
+    matrix = write_matrix(config, workloads="[workloads.w]\nprompt_tokens = 8\nn_predict = 4\nrepetitions = 1\nwarmup = 0\n")
     pytester.makepyfile(
         """
         import httpx
@@ -360,7 +364,8 @@ def test_api_key_is_used_and_never_reported(pytester: pytest.Pytester, write_mat
             llamabench(llama_server, llama_workload)
         """
     )
-    pytester._monkeypatch.setenv("LLAMABENCH_API_KEY", secret)
+    if where != "args":
+        pytester._monkeypatch.setenv(where, secret)
     result = pytester.runpytest_subprocess(*bench_args(matrix))
     result.assert_outcomes(passed=1)
     for path in [tmp_path / "report.json", tmp_path / "report.md", *(tmp_path / "logs").iterdir()]:

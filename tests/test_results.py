@@ -257,3 +257,14 @@ def test_a_bad_tolerance_in_the_environment_fails_at_start_without_a_baseline(
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--llamabench-alpha=5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--llamabench-alpha*'5' is not a significance level*"])
+
+
+def test_api_keys_are_redacted_and_a_configs_own_key_is_used_by_the_client() -> None:
+    from pytest_llamabench.config import ModelSpec, ServerConfig
+    from pytest_llamabench.server.launcher import api_key_of, redacted
+
+    assert redacted(["--threads", "2", "--api-key", "sk-1", "--api-key=sk-2"]) == ["--threads", "2", "--api-key", "***", "--api-key=***"]
+    model = ModelSpec("m", path=None, embedded="e")
+    assert api_key_of(ServerConfig("a", model, {}, args=("--api-key", "sk-1"))) == "sk-1"
+    assert api_key_of(ServerConfig("a", model, {}, env={"LLAMA_API_KEY": "sk-3"})) == "sk-3"
+    assert api_key_of(ServerConfig("a", model, {})) is None

@@ -94,7 +94,8 @@ class RunState:
             build_spec=BuildSpec(backend=options.value(config, "backend")[0]),
             build_if_missing=not options.value(config, "no-build")[0],
             vram_budget=options.value(config, "vram-budget")[0],
-            api_key=os.environ.get("LLAMABENCH_API_KEY"),
+            # the user's usual variable works too; it never reaches argv, logs or reports
+            api_key=os.environ.get("LLAMABENCH_API_KEY") or os.environ.get("LLAMA_API_KEY"),
         )
         if workerinput and "llamabench_run_id" in workerinput:
             settings.run_id = workerinput["llamabench_run_id"]

@@ -26,7 +26,7 @@ from pytest_llamabench.hardware.device import Device
 from pytest_llamabench.errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
 from pytest_llamabench.server.docker import _DAEMON_HINT, DockerClient, container_name, docker_client, owner_labels
 from pytest_llamabench.server.image import DEFAULT_TAG
-from pytest_llamabench.server.launcher import Server, process_peak_rss_mib
+from pytest_llamabench.server.launcher import Server, process_peak_rss_mib, redacted
 
 try:
     import docker
@@ -186,7 +186,7 @@ class ContainerServer(Server):
         self.base_url, self._port, self._peak_mib = None, None, None  # a restart gets a new port
         kwargs = self._create_args(model_path.resolve())
         with self.log_path.open("wb") as log:
-            log.write(f"# docker: {self.config.image} ({self._image_id}) {' '.join(kwargs['command'])}\n".encode())
+            log.write(f"# docker: {self.config.image} ({self._image_id}) {' '.join(redacted(kwargs['command']))}\n".encode())
         try:
             self._container = self._docker.containers.create(self._image_id, **kwargs)
             self.container_id = str(self._container.id)

@@ -38,6 +38,29 @@ _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 _LIVE: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
+def redacted(argv: Sequence[str]) -> list[str]:
+    """argv with API keys replaced by ``***``: what reports, logs and messages show."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--api-key" and i + 1 < len(out):
+            out[i + 1] = "***"
+        elif arg.startswith("--api-key="):
+            out[i] = "--api-key=***"
+    return out
+
+
+def api_key_of(config: ServerConfig) -> str | None:
+    """A key the config gives its server (``args = ["--api-key", …]`` or ``env.LLAMA_API_KEY``), so
+    the client sends it too."""
+    args = list(config.args)
+    for i, arg in enumerate(args):
+        if arg == "--api-key" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--api-key="):
+            return arg.partition("=")[2]
+    return config.env.get("LLAMA_API_KEY")
+
+
 def server_environment(
     config_env: Mapping[str, str], api_key: str | None, devices: Sequence[Device] | None = None
 ) -> dict[str, str]:
@@ -72,7 +95,7 @@ class Server(abc.ABC):
     ) -> None:
         self.config = config
         self.log_path = log_dir / f"{config.instance}.log"
-        self.api_key = api_key
+        self.api_key = api_key_of(config) or api_key
         self.devices: tuple[Device, ...] | None = None if devices is None else tuple(devices)  # None: as inherited
         self.model_info: ModelInfo | None = None
         self.args: list[str] = []
@@ -161,7 +184,7 @@ class Server(abc.ABC):
         threads = self.config.server.get("threads")
         info: dict[str, Any] = {
             "launcher": self.launcher,
-            "args": list(self.args),
+            "args": redacted(self.args),
             "build_info": self.build_info,
             "threads": threads,
             "load_s": self.load_seconds,
@@ -262,7 +285,7 @@ class LocalServer(Server):
     def _launch(self, model_path: Path) -> None:
         argv = [str(self.binary), "--model", str(model_path), "--host", self.host, "--port", "0", *self.args]
         with self.log_path.open("wb") as log:
-            log.write(f"# {' '.join(argv)}\n".encode())
+            log.write(f"# {' '.join(redacted(argv))}\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
                 argv,
