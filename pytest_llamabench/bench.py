@@ -150,6 +150,7 @@ def measure(
     runner: Runner | None = None,
     busy_cores: float = 0.25,
     retry_busy: int = 0,
+    timeout_s: float | None = None,
 ) -> ResultEntry:
     """Run a workload on a running server: the typed result with the facts around it.
 
@@ -160,7 +161,8 @@ def measure(
     for attempt in range(retry_busy + 1):
         gpu_before = running.vram.contention() if running.vram is not None else (0, 0, 0)
         with CpuContention(running.server.pids, busy_cores) as contention:
-            measurement = run_workload(running.server, workload, runner=runner if attempt == 0 else None)
+            measurement = run_workload(running.server, workload, runner=runner if attempt == 0 else None,
+                                       timeout_s=timeout_s)  # fmt: skip
         load = contention.as_dict()
         if running.vram is not None:
             samples, contended, throttled = (a - b for a, b in zip(running.vram.contention(), gpu_before))

@@ -138,7 +138,14 @@ class Workload:
     turns: int = 1
     repetitions: int = 5
     warmup: int = 1
+    timeout_s: float | None = None  # longest silence of the server during a request; None: derived
     source: str = ""
+
+    def request_timeout_s(self) -> float:
+        """``timeout_s``, else 30 s plus the biggest prompt of a request at a slow 20 tok/s."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return 30.0 + 0.05 * (self.prompt_tokens + self.n_predict) * self.turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +320,10 @@ def _thresholds(table: _Table) -> dict[str, Thresholds]:
 
 
 def _workload(name: str, table: _Table) -> Workload:
-    table.check_keys(["kind", "prompt_tokens", "n_predict", "turns", "repetitions", "warmup"])
+    table.check_keys(["kind", "prompt_tokens", "n_predict", "turns", "repetitions", "warmup", "timeout_s"])
+    timeout = table.get("timeout_s", float)
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"{table.at('timeout_s')}: must be > 0 seconds")
     kind = table.choice("kind", _WORKLOAD_KINDS) or "completion"
     turns = table.positive_int("turns", 3 if kind == "chat" else 1)
     assert turns is not None
@@ -327,6 +337,7 @@ def _workload(name: str, table: _Table) -> Workload:
         turns=turns,
         repetitions=table.positive_int("repetitions", 5) or 5,
         warmup=table.positive_int("warmup", 1, minimum=0) or 0,
+        timeout_s=timeout,
         source=table.where,
     )
 

@@ -140,6 +140,10 @@ class RequestFailed(LlamabenchError):
     kind = "request-failed"
 
 
+class RequestTimedOut(RequestFailed):
+    """The server sent nothing for longer than the request timeout."""
+
+
 class StreamDroppedEarly(RequestFailed):
     """The stream closed before its first event while the server lived (seen with a CUDA build)."""
 

@@ -74,6 +74,7 @@ n_cpu_moe = 32
         ("[configs.a]\nvram_budget = \"lots\"\n", "configs.a.vram_budget: 'lots' is not a size"),
         ("[configs.a]\nargs = [\"--host\", \"0.0.0.0\"]\n", "m.toml:configs.a.args: --host 0.0.0.0 makes llama-server listen beyond this machine"),
         ("[configs.a]\nargs = [\"--host=10.0.0.5\"]\n", "set allow_public_host = true in this config if you mean it"),
+        ("[workloads.w]\ntimeout_s = 0\n", "m.toml:workloads.w.timeout_s: must be > 0 seconds"),
         ("[configs.a]\nrestarts = 0\n", "m.toml:configs.a.restarts: 0 fresh servers cannot be measured; use restarts >= 1"),
         ("[workloads.w]\nkind = \"completion\"\nturns = 3\n", "workloads.w.turns: only chat workloads have turns"),
     ],

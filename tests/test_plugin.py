@@ -290,6 +290,34 @@ def test_sigint_leaves_a_valid_report(pytester: pytest.Pytester, write_matrix: W
     assert leftovers.stdout == "", f"llama-server outlived the interrupted run: {leftovers.stdout}"
 
 
+def test_a_hanging_server_times_out_naming_the_key_to_raise(
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args
+) -> None:
+    # a real hang: the real server is stopped (SIGSTOP) while the request waits for it
+    matrix = write_matrix(
+        "[configs.x]\n",
+        workloads="[workloads.w]\nprompt_tokens = 8\nn_predict = 4\nrepetitions = 1\nwarmup = 0\ntimeout_s = 2\n",
+    )
+    pytester.makepyfile(
+        """
+        import os, signal
+
+        def test_workload(llama_server, llama_workload, llamabench):
+            os.kill(llama_server.pid, signal.SIGSTOP)
+            try:
+                llamabench(llama_server, llama_workload)
+            finally:
+                os.kill(llama_server.pid, signal.SIGCONT)
+        """
+    )
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(*bench_args(matrix))
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*request-failed: POST /*: the server sent nothing for 2 s (ReadTimeout); "
+                                 "raise timeout_s in *matrix.toml:workloads.w (or pass --llamabench-request-timeout)*"])  # fmt: skip
+    assert time.monotonic() - started < 60
+
+
 def test_an_earlier_report_and_log_are_never_taken_for_this_runs(
     pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path
 ) -> None:

@@ -50,9 +50,19 @@ class Measurement:
         return out
 
 
-def run_workload(server: Server, workload: Workload, *, runner: Runner | None = None) -> Measurement:
-    """Warm up, repeat, and collect one Sample per repetition."""
+def run_workload(
+    server: Server, workload: Workload, *, runner: Runner | None = None, timeout_s: float | None = None
+) -> Measurement:
+    """Warm up, repeat, and collect one Sample per repetition.
+
+    ``timeout_s`` (the command line's) overrides the workload's request timeout."""
     workload_kind = kind(workload.kind)
+    client = server.client
+    client.request_timeout_s = timeout_s or workload.request_timeout_s()
+    client.timeout_hint = (
+        "raise --llamabench-request-timeout" if timeout_s else
+        f"raise timeout_s in {workload.source or f'[workloads.{workload.name}]'} (or pass --llamabench-request-timeout)"
+    )  # fmt: skip
     rounds_done = 0
     samples: list[Sample] = []
     prompts = Prompts(server, workload.prompt_tokens * workload.turns * 4)

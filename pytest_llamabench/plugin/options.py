@@ -50,6 +50,7 @@ _alpha = _number(float, lambda a: 0 < a < 1, "is not a significance level; use a
 _cores = _number(float, lambda c: 0 < c <= 1024, "is not a number of cores; give the CPU cores other processes may use, e.g. 0.2")
 _restarts = _number(int, lambda n: n >= 1, "is not a number of restarts; use a whole number >= 1")
 _retries = _number(int, lambda n: n >= 0, "is not a number of retries; use a whole number >= 0")
+_seconds = _number(float, lambda s: s > 0, "is not a number of seconds; use e.g. 120")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,8 @@ OPTIONS = (
            type=_restarts),  # fmt: skip
     Option("retry-busy", "measure a workload again, up to N times, when other processes kept the host busy",
            type=_retries, default=0),  # fmt: skip
+    Option("request-timeout", "longest silence of llama-server during a request, in seconds (default: from "
+           "each workload's timeout_s or its size)", type=_seconds),  # fmt: skip
     Option("busy-cores", "a measurement is 'busy' when other processes used more than this many cores",
            type=_cores, default=0.25),  # fmt: skip
 )

@@ -47,6 +47,7 @@ class RunState:
         restarts: int | None,
         retry_busy: int,
         busy_cores: float,
+        request_timeout: float | None = None,
         workload_patterns: list[str],
         report_path: Path,
         require_gpu: bool,
@@ -59,6 +60,7 @@ class RunState:
         self.restarts = restarts
         self.retry_busy = retry_busy
         self.busy_cores = busy_cores
+        self.request_timeout = request_timeout
         self.workload_patterns = workload_patterns
         self.report_path = report_path
         self.require_gpu = require_gpu
@@ -119,6 +121,7 @@ class RunState:
             restarts=options.value(config, "restarts")[0],
             retry_busy=options.value(config, "retry-busy")[0],
             busy_cores=options.value(config, "busy-cores")[0],
+            request_timeout=options.value(config, "request-timeout")[0],
             workload_patterns=options.value(config, "workload")[0] or [],
             report_path=report_path or state_dir / "report.json",
             require_gpu=bool(options.value(config, "require-gpu")[0]),

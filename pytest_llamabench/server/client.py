@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from pytest_llamabench.errors import RequestFailed, StreamDroppedEarly
+from pytest_llamabench.errors import RequestFailed, RequestTimedOut, StreamDroppedEarly
 
 
 @dataclasses.dataclass
@@ -42,6 +42,9 @@ class LlamaClient:
 
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
+        #: longest silence allowed during a streamed request, and what to say to raise it
+        self.request_timeout_s = timeout
+        self.timeout_hint = "raise the request timeout"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
@@ -84,9 +87,18 @@ class LlamaClient:
 
     # -- internals -----------------------------------------------------------------
 
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.request_timeout_s, connect=10.0)
+
+    def _timed_out(self, method: str, path: str, exc: Exception) -> RequestTimedOut:
+        return RequestTimedOut(f"{method} {path}: the server sent nothing for {self.request_timeout_s:g} s "
+                               f"({type(exc).__name__}); {self.timeout_hint}")  # fmt: skip
+
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, timeout=self._timeout(), **kwargs)
+        except httpx.TimeoutException as exc:
+            raise self._timed_out(method, path, exc) from exc
         except httpx.HTTPError as exc:
             raise RequestFailed(f"{method} {self.base_url}{path} failed: {exc!r}") from exc
         if response.status_code != 200:
@@ -108,7 +120,8 @@ class LlamaClient:
         try:
             # a fresh connection per measured request: a pooled keep-alive connection that the
             # server has closed shows up as "disconnected without sending a response"
-            with self._http.stream("POST", path, json=body, headers={"Connection": "close"}) as response:
+            with self._http.stream("POST", path, json=body, headers={"Connection": "close"},
+                                   timeout=self._timeout()) as response:  # fmt: skip
                 if response.status_code != 200:
                     response.read()
                     raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")
@@ -121,6 +134,8 @@ class LlamaClient:
                         text.append(piece)
                     if "timings" in event or event.get("stop") is True:
                         final = {**final, **event}
+        except httpx.TimeoutException as exc:
+            raise self._timed_out("POST", path, exc) from exc
         except httpx.HTTPError as exc:
             error = RequestFailed if (final or token_times) else StreamDroppedEarly
             raise error(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
