@@ -143,14 +143,22 @@ class Bench:
         return {"path": str(path), "source": where, "version": version}
 
 
+@dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+    """How a workload is measured: when the host counts as busy, how often to retry then, and
+    the request timeout (None: each workload's own)."""
+
+    busy_cores: float = 0.25
+    retry_busy: int = 0
+    timeout_s: float | None = None
+
+
 def measure(
     running: RunningServer,
     workload: Workload,
     *,
     runner: Runner | None = None,
-    busy_cores: float = 0.25,
-    retry_busy: int = 0,
-    timeout_s: float | None = None,
+    settings: MeasureSettings = MeasureSettings(),
 ) -> ResultEntry:
     """Run a workload on a running server: the typed result with the facts around it.
 
@@ -158,11 +166,11 @@ def measure(
     host is marked (``host_load.busy``) and, with ``retry_busy``, taken again up to that often.
     """
     running.server.ensure_alive(grace_s=0)  # one that died during an earlier workload: say so
-    for attempt in range(retry_busy + 1):
+    for attempt in range(settings.retry_busy + 1):
         gpu_before = running.vram.contention() if running.vram is not None else (0, 0, 0)
-        with CpuContention(running.server.pids, busy_cores) as contention:
+        with CpuContention(running.server.pids, settings.busy_cores) as contention:
             measurement = run_workload(running.server, workload, runner=runner if attempt == 0 else None,
-                                       timeout_s=timeout_s)  # fmt: skip
+                                       timeout_s=settings.timeout_s)  # fmt: skip
         load = contention.as_dict()
         if running.vram is not None:
             samples, contended, throttled = (a - b for a, b in zip(running.vram.contention(), gpu_before))
@@ -173,7 +181,7 @@ def measure(
         if not load["busy"]:
             break
         running.log(f"{running.server.config.instance}/{workload.name}: the host was busy ({_busy_text(load)})"
-                    + (", measuring again" if attempt < retry_busy else ""))  # fmt: skip
+                    + (", measuring again" if attempt < settings.retry_busy else ""))  # fmt: skip
     measurement.rss_peak_mib = running.server.peak_rss_mib()
     measurement.vram_peak_mib = running.vram_peak_mib()
     config = running.server.config
@@ -201,4 +209,4 @@ def _busy_text(load: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["Bench", "BenchSettings", "RunningServer", "measure"]
+__all__ = ["Bench", "BenchSettings", "MeasureSettings", "RunningServer", "measure"]

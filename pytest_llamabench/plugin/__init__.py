@@ -137,8 +137,7 @@ def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer, Workl
 
     def run(server: RunningServer, workload: Workload) -> ResultEntry:
         runner = benchmark.runner(request)
-        entry = measure(server, workload, runner=runner, busy_cores=state.busy_cores, retry_busy=state.retry_busy,
-                        timeout_s=state.request_timeout)  # fmt: skip
+        entry = measure(server, workload, runner=runner, settings=state.measuring)
         thresholds = server.config.thresholds_for(workload.name)
         for mark in item.iter_markers("llamabench_thresholds"):
             thresholds = thresholds.merged(_marker_thresholds(mark, item.nodeid))

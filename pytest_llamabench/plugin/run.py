@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llamabench.bench import Bench, BenchSettings
+from pytest_llamabench.bench import Bench, BenchSettings, MeasureSettings
 from pytest_llamabench.config import Matrix, ServerConfig, Workload, expand_starts, load_matrix
 from pytest_llamabench.errors import ConfigError, LlamabenchError
 from pytest_llamabench.hardware.host import host_fingerprint
@@ -45,9 +45,7 @@ class RunState:
         matrix: Matrix | None,
         config_patterns: list[str],
         restarts: int | None,
-        retry_busy: int,
-        busy_cores: float,
-        request_timeout: float | None = None,
+        measuring: MeasureSettings,
         workload_patterns: list[str],
         report_path: Path,
         require_gpu: bool,
@@ -58,9 +56,7 @@ class RunState:
         self.matrix = matrix
         self.config_patterns = config_patterns
         self.restarts = restarts
-        self.retry_busy = retry_busy
-        self.busy_cores = busy_cores
-        self.request_timeout = request_timeout
+        self.measuring = measuring
         self.workload_patterns = workload_patterns
         self.report_path = report_path
         self.require_gpu = require_gpu
@@ -119,9 +115,11 @@ class RunState:
             matrix=matrix,
             config_patterns=options.value(config, "config")[0] or [],
             restarts=options.value(config, "restarts")[0],
-            retry_busy=options.value(config, "retry-busy")[0],
-            busy_cores=options.value(config, "busy-cores")[0],
-            request_timeout=options.value(config, "request-timeout")[0],
+            measuring=MeasureSettings(
+                busy_cores=options.value(config, "busy-cores")[0],
+                retry_busy=options.value(config, "retry-busy")[0],
+                timeout_s=options.value(config, "request-timeout")[0],
+            ),
             workload_patterns=options.value(config, "workload")[0] or [],
             report_path=report_path or state_dir / "report.json",
             require_gpu=bool(options.value(config, "require-gpu")[0]),
