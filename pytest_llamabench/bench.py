@@ -19,8 +19,10 @@ from pytest_llamabench.config import ServerConfig, Workload
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.launcher import LocalServer, Server
 from pytest_llamabench.hardware.device import Device
+from pytest_llamabench.hardware.placement import Placement, pin
 from pytest_llamabench.measure.workload import Runner, run_workload
 from pytest_llamabench.hardware.host import CpuContention
+from pytest_llamabench.metrics import GEN_TOK_S
 from pytest_llamabench.results import ResultEntry
 
 
@@ -32,11 +34,17 @@ class BenchSettings:
     server_bin_candidates: list[tuple[str | None, str]]
     build_spec: BuildSpec = dataclasses.field(default_factory=BuildSpec)
     build_if_missing: bool = True
+    #: GPU configs on a machine with a usable GPU: a cached CUDA build wins over the CPU one
+    prefer_cuda: bool = False
     vram_budget: int | None = None
     #: The GPUs of GPU configs (``hardware.device.discover_devices()``): each server sees exactly
     #: these, the VRAM budget is held on each, the sampler reads only these. ``None``: as before
     #: (servers inherit CUDA_VISIBLE_DEVICES, the budget is on CUDA device 0, all are sampled).
     devices: tuple[Device, ...] | None = None
+    #: This process's share of the host under pytest-xdist (``hardware.placement``): its GPUs (a
+    #: config gets the first ``gpus`` of them) and cores (pinned before its first server starts).
+    #: When set, it wins over ``devices``.
+    placement: Placement | None = None
     api_key: str | None = None
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -50,6 +58,8 @@ class RunningServer:
         self.vram = vram
         self.ballast = ballast
         self.log = log
+        self.placement: Placement | None = None  # the worker's share it ran in (pytest-xdist)
+        self.plan: Any = None  # planning.LaunchPlan: the memory plan made before the launch
 
     def __getattr__(self, name: str) -> Any:  # a RunningServer is used like its Server
         return getattr(self.server, name)
@@ -63,6 +73,8 @@ class RunningServer:
             info["vram"] = self.vram.as_dict()
         if self.ballast is not None:
             info["vram_budget"] = self.ballast.as_dict()
+        if self.placement is not None:
+            info["placement"] = self.placement.as_dict()
         return info
 
 
@@ -82,12 +94,23 @@ class Bench:
                 spec=self.settings.build_spec,
                 build_if_missing=self.settings.build_if_missing,
                 log=self.log,
+                prefer_cuda=self.settings.prefer_cuda,
             )
             self._binary = (path, where, server_version(path))
         return self._binary
 
+    def devices_for(self, config: ServerConfig) -> tuple[Device, ...] | None:
+        """The GPUs a config's server sees: its share of this process's placement (or ``devices``)."""
+        if self.settings.placement is not None:
+            return self.settings.placement.devices_for(config)
+        return self.settings.devices if config.gpu else None
+
+    def placed(self, config: ServerConfig) -> ServerConfig:
+        """The config as it runs here: ``threads`` = this worker's cores unless it sets threads."""
+        return config if self.settings.placement is None else self.settings.placement.with_threads(config)
+
     def make_server(self, config: ServerConfig) -> Server:
-        devices = self.settings.devices if config.gpu else None
+        devices = self.devices_for(config)
         if config.image:
             from pytest_llamabench.server.container import ContainerServer
 
@@ -106,8 +129,15 @@ class Bench:
     @contextlib.contextmanager
     def launch(self, config: ServerConfig) -> Iterator[RunningServer]:
         """Budget -> sampler -> server; torn down in reverse, whatever happens."""
+        config = self.placed(config)
+        if config.model.quantize is not None:  # made with the pinned llama-quantize first (quality/quantize.py)
+            from pytest_llamabench.quality.quantize import materialize
+
+            config = materialize(config, *self.binary()[:2], log=self.log)
         budget = config.vram_budget or (self.settings.vram_budget if config.gpu else None)
-        devices = self.settings.devices if config.gpu else None
+        devices = self.devices_for(config)
+        if self.settings.placement is not None:
+            pin(self.settings.placement.cpus)  # this process, and so the server and its client
         if devices is not None and not devices:
             from pytest_llamabench.errors import GpuUnavailable
 
@@ -115,6 +145,7 @@ class Bench:
                 f"{config.source}: config {config.name} sets gpu = true, but no GPU is selected for this "
                 "session (CUDA_VISIBLE_DEVICES hides them all?); select a GPU or set gpu = false"
             )
+        launch_plan = self.plan_launch(config, budget, devices)
         with contextlib.ExitStack() as stack:
             ballast = None
             if budget:
@@ -132,9 +163,23 @@ class Bench:
             except LlamabenchError as exc:  # the report shows what was attempted
                 exc.context["server"] = server.describe()
                 exc.context["model"] = server.model_info.as_dict() if server.model_info else None
+                exc.context["memory"] = launch_plan.facts(_read(server.log_path)) if launch_plan else None
                 raise
             stack.callback(server.stop)
-            yield RunningServer(server, vram, ballast, log=self.log)
+            running = RunningServer(server, vram, ballast, log=self.log)
+            running.placement = self.settings.placement
+            running.plan = launch_plan
+            yield running
+
+    def plan_launch(self, config: ServerConfig, budget: int | None, devices: Any) -> Any:
+        """The memory plan of ``config`` (planning.py), said before its launch; None if the model is unreadable."""
+        from pytest_llamabench.planning import LaunchPlan, gpu_memory_of
+
+        total, index = gpu_memory_of(devices) if config.gpu else (None, None)
+        launch_plan = LaunchPlan.for_config(config, budget=budget, gpu_memory=total, gpu_index=index)
+        if launch_plan is not None:
+            self.log(launch_plan.line())
+        return launch_plan
 
     def describe_binary(self) -> dict[str, Any]:
         if self._binary is None:
@@ -197,7 +242,26 @@ def measure(
         model=info.as_dict() if info else None,
         workload_spec=dataclasses.asdict(workload),
         host_load={**load, "attempts": attempt + 1},
+        details=measurement.facts or None,
+        extra=_memory_facts(running, workload, measurement),
     )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _memory_facts(running: RunningServer, workload: Workload, measurement: Any) -> dict[str, Any]:
+    """The launch's memory plan beside the server's reported buffers and the measured peaks, and the roofline."""
+    if running.plan is None:
+        return {}
+    measured = {"vram_peak_mib": measurement.vram_peak_mib, "rss_peak_mib": measurement.rss_peak_mib}
+    gen = measurement.metrics().get(GEN_TOK_S.name)
+    return {"memory": running.plan.facts(_read(running.server.log_path), measured, dataclasses.asdict(workload),
+                                         gen.median if gen is not None else None)}  # fmt: skip
 
 
 def _busy_text(load: dict[str, Any]) -> str:

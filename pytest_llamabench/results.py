@@ -60,7 +60,7 @@ class Failure:
 
 
 #: Descriptive fields of a result kept as JSON objects (free-form facts about the run).
-_FACTS = ("server", "model", "workload_spec", "thresholds", "binary", "host_load")
+_FACTS = ("server", "model", "workload_spec", "thresholds", "binary", "host_load", "details")
 
 
 @dataclasses.dataclass
@@ -89,6 +89,8 @@ class ResultEntry:
     binary: dict[str, Any] | None = None
     #: CPU time other processes took while this was measured (``hardware.host.CpuContention``)
     host_load: dict[str, Any] | None = None
+    #: what the workload kind recorded: sampling the server used, reasoning/answer split, template check
+    details: dict[str, Any] | None = None
     #: keys this version does not know, kept so a report read and written loses nothing
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 

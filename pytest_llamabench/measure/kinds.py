@@ -11,4 +11,8 @@ from __future__ import annotations
 KINDS: dict[str, str] = {
     "completion": "pytest_llamabench.measure.completion",
     "chat": "pytest_llamabench.measure.chat",
+    "vision": "pytest_llamabench.measure.vision",
+    "template": "pytest_llamabench.measure.template_check",
+    "load": "pytest_llamabench.measure.load",
+    "perplexity": "pytest_llamabench.quality.workload",  # runs llama-perplexity, no server (quality/)
 }

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from pytest_llamabench.config import Workload
 from pytest_llamabench.errors import RequestFailed
 from pytest_llamabench.measure.kinds import KINDS
 from pytest_llamabench.measure.sample import Prompts, Sample
-from pytest_llamabench.metrics import RSS_PEAK_MIB, SAMPLE_METRICS, VRAM_PEAK_MIB
+from pytest_llamabench.metrics import RSS_PEAK_MIB, SAMPLE_METRICS, VRAM_PEAK_MIB, Metric
 from pytest_llamabench.stats import Summary
 from pytest_llamabench.server.launcher import Server
 
@@ -41,9 +41,18 @@ class Measurement:
     rss_peak_mib: float | None = None
     vram_peak_mib: float | None = None
     endpoint: str = "/completion"
+    #: what a repetition measures: a kind module's ``METRICS`` (a load level has more), else these
+    sample_metrics: tuple[Metric, ...] = SAMPLE_METRICS
+    #: what the kind recorded besides numbers (its optional ``facts(server, workload)``): e.g. the
+    #: sampling parameters the server used, a chat template check
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, Summary]:
-        out = {m.name: Summary.of(getattr(s, m.name) for s in self.samples) for m in SAMPLE_METRICS}
+        out = {}
+        for m in self.sample_metrics:  # a metric a repetition could not measure (None) is left out
+            values = [v for s in self.samples if (v := getattr(s, m.name)) is not None]
+            if values:
+                out[m.name] = Summary.of(values)
         for metric, value in ((RSS_PEAK_MIB, self.rss_peak_mib), (VRAM_PEAK_MIB, self.vram_peak_mib)):
             if value is not None:
                 out[metric.name] = Summary.of([value])
@@ -86,7 +95,14 @@ def run_workload(
     while len(samples) < workload.repetitions:
         one_round()
     return Measurement(server.config.name, workload.name, samples, workload.warmup,
-                       endpoint=workload_kind.endpoint(prompts))  # fmt: skip
+                       endpoint=workload_kind.endpoint(prompts),
+                       sample_metrics=getattr(workload_kind, "METRICS", SAMPLE_METRICS),
+                       facts=_facts(workload_kind, server, workload))  # fmt: skip
+
+
+def _facts(workload_kind: WorkloadKind, server: Server, workload: Workload) -> dict[str, Any]:
+    facts = getattr(workload_kind, "facts", None)  # optional in a kind module
+    return dict(facts(server, workload)) if facts is not None else {}
 
 
 __all__ = ["Measurement", "Runner", "run_workload"]

@@ -8,17 +8,17 @@ file with its path, not as a confusing server exit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
-import json
 import math
 import mmap
-import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pytest_llamabench.errors import ModelLoadError
+from pytest_llamabench.model.digest import file_sha256 as file_sha256  # re-exported
+from pytest_llamabench.model.digest import record_file_sha256 as record_file_sha256
 from pytest_llamabench.hardware.host import host_memory_bytes
 
 #: Embedded models: name -> (distribution, file suffix). Located through the installed
@@ -73,6 +73,8 @@ class ModelInfo:
     key_length: int
     value_length: int
     tensor_count: int
+    #: the GGUF's scalar and string metadata (arrays are skipped: None), e.g. ``tokenizer.chat_template``
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def kv_bytes_per_token(self, cache_type_k: str = "f16", cache_type_v: str = "f16") -> float:
         per_layer = self.n_head_kv * (
@@ -93,9 +95,17 @@ class ModelInfo:
 
 
 def verify_model(
-    path: Path, *, sha256: str | None = None, size: int | None = None, where: str = "", hash_file: bool = True
+    path: Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    where: str = "",
+    hash_file: bool = True,
+    rehash: bool = False,
 ) -> ModelInfo:
-    """Check magic, version, tensor data bounds, size and (if pinned) sha256."""
+    """Check magic, version, tensor data bounds, size and (if pinned) sha256.
+
+    ``rehash``: hash the file again instead of trusting the cache (``verify = "always"``)."""
     if not path.exists():
         raise ModelLoadError(f"{where}: model file not found: {path}; fix the path or the models dir")
     if not path.is_file():
@@ -114,7 +124,7 @@ def verify_model(
     if size is not None and actual_size != size:
         raise ModelLoadError(f"{where}: {path} is {actual_size} bytes, the config pins {size}; download it again")
     info = _read_gguf(path, where, actual_size)
-    digest = file_sha256(path) if (hash_file or sha256) else None
+    digest = file_sha256(path, always=rehash) if (hash_file or sha256) else None
     if sha256 is not None and digest != sha256:
         raise ModelLoadError(
             f"{where}: sha256 of {path} is {digest}, the config pins {sha256}; the file is corrupt "
@@ -212,59 +222,8 @@ def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
         key_length=int(meta.get(f"{arch}.attention.key_length") or head_dim),
         value_length=int(meta.get(f"{arch}.attention.value_length") or head_dim),
         tensor_count=n_tensors,
+        metadata=meta,
     )
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so 20 GB files hash once."""
-    key = _sha256_cache_key(path)
-    cache = _load_sha256_cache()
-    if key in cache:
-        return str(cache[key])
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    cache[key] = digest.hexdigest()
-    _save_sha256_cache(cache)
-    return str(cache[key])
-
-
-def record_file_sha256(path: Path, digest: str) -> None:
-    """Store a sha256 computed elsewhere (e.g. while the file was written) in the cache."""
-    cache = _load_sha256_cache()
-    cache[_sha256_cache_key(path)] = digest
-    _save_sha256_cache(cache)
-
-
-def _sha256_cache_key(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def _sha256_cache_file() -> Path:
-    from pytest_llamabench.server.build import cache_root
-
-    return cache_root() / "sha256-cache.json"
-
-
-def _load_sha256_cache() -> dict[str, Any]:
-    try:
-        cache = json.loads(_sha256_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
-def _save_sha256_cache(cache: dict[str, Any]) -> None:
-    cache_file = _sha256_cache_file()
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
 
 
 def ctx_for_host_memory(info: ModelInfo, factor: float, cache_type_k: str, cache_type_v: str) -> int:

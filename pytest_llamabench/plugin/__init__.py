@@ -12,7 +12,7 @@ from pytest_llamabench.bench import RunningServer, measure
 from pytest_llamabench.config import ServerConfig, Thresholds, Workload
 from pytest_llamabench.errors import LlamabenchError, ServerOutOfMemory
 from pytest_llamabench.measure.thresholds import check_thresholds
-from pytest_llamabench.plugin import benchmark, options
+from pytest_llamabench.plugin import benchmark, options, workers
 from pytest_llamabench.plugin.reporting import ENTRY, ReportHooks, phase_entry
 from pytest_llamabench.plugin.run import RunState
 from pytest_llamabench.plugin.xdist import XdistHooks
@@ -48,6 +48,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistHooks(state), "llamabench-xdist")
     if config.pluginmanager.hasplugin("benchmark"):
         config.pluginmanager.register(benchmark.BenchmarkHooks(state), "llamabench-benchmark")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with GPU configs selected: one xdist worker per GPU (plugin/workers.py)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # the user's own choice, read by xdist
+    try:
+        state = RunState.from_pytest(config)
+        return None if state.matrix is None else workers.auto_num_workers(state.selected_configs())
+    except LlamabenchError:
+        return None  # reported by pytest_configure
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -90,10 +104,26 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_inapplicable(config, items)
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
     for item in items:
         if item.get_closest_marker("llamabench_oom") and not item.get_closest_marker("xfail"):
             item.add_marker(_expected_oom(f"@pytest.mark.llamabench_oom on {item.nodeid}"))
+
+
+def _deselect_inapplicable(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Config x workload pairs that do not apply (``Workload.applies_to``: a workload's ``configs``,
+    a vision workload on a model without mmproj) are deselected, not run."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        server, workload = params.get("llama_server"), params.get("llama_workload")
+        applies = not isinstance(server, ServerConfig) or not isinstance(workload, Workload) or workload.applies_to(server)
+        (keep if applies else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -138,7 +168,7 @@ def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer, Workl
     def run(server: RunningServer, workload: Workload) -> ResultEntry:
         runner = benchmark.runner(request)
         entry = measure(server, workload, runner=runner, settings=state.measuring)
-        thresholds = server.config.thresholds_for(workload.name)
+        thresholds = server.config.thresholds_for(workload.name, workload.load.group if workload.load else None)
         for mark in item.iter_markers("llamabench_thresholds"):
             thresholds = thresholds.merged(_marker_thresholds(mark, item.nodeid))
         entry.thresholds = {**thresholds.limits, "source": thresholds.source} if thresholds.limits else None

@@ -80,10 +80,26 @@ class LlamaClient:
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
         return self._stream("/v1/completions", body, _oai_text_tokens)
 
-    def stream_chat(self, payload: Mapping[str, Any]) -> StreamResult:
-        """POST /v1/chat/completions with stream=true; one token per content delta."""
+    def stream_chat(self, payload: Mapping[str, Any], count: Any = None) -> StreamResult:
+        """POST /v1/chat/completions with stream=true; one token per content delta (``count``:
+        another counter, e.g. one that also counts reasoning deltas)."""
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        return self._stream("/v1/chat/completions", body, _chat_tokens)
+        return self._stream("/v1/chat/completions", body, count or _chat_tokens)
+
+    def slots(self) -> list[dict[str, Any]]:
+        """GET /slots: each slot's state and the parameters of its last task."""
+        try:
+            response = self._http.get("/slots", timeout=self._timeout())
+            data = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RequestFailed(f"GET /slots failed: {exc!r}") from exc
+        if not isinstance(data, list):
+            raise RequestFailed(f"GET /slots answered {response.status_code}: {response.text[:300]}")
+        return [s for s in data if isinstance(s, dict)]
+
+    def apply_template(self, messages: list[dict[str, Any]], **params: Any) -> str:
+        """POST /apply-template: the prompt the server's chat template makes of ``messages``."""
+        return str(self._json("POST", "/apply-template", json={"messages": messages, **params}).get("prompt", ""))
 
     # -- internals -----------------------------------------------------------------
 

@@ -199,8 +199,9 @@ class ContainerServer(Server):
         self._log_thread.start()
 
     def _create_args(self, model_path: Path) -> dict[str, Any]:
+        args, file_volumes = _mount_file_args(self.args)
         command = ["--model", f"{MODELS_DIR}/{model_path.name}", "--host", "0.0.0.0",
-                   "--port", str(CONTAINER_PORT), *self.args]  # fmt: skip
+                   "--port", str(CONTAINER_PORT), *args]  # fmt: skip
         kwargs: dict[str, Any] = {
             "command": command,
             "name": self.container_name,
@@ -208,7 +209,7 @@ class ContainerServer(Server):
             "environment": self._environment(),
             "labels": owner_labels(self.run_id, self.config.name),
             "ports": {f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)},  # never on other interfaces
-            "volumes": {str(model_path.parent): {"bind": MODELS_DIR, "mode": "ro"}},
+            "volumes": {str(model_path.parent): {"bind": MODELS_DIR, "mode": "ro"}, **file_volumes},
         }
         if self.config.memory_limit:
             kwargs["mem_limit"] = self.config.memory_limit
@@ -356,3 +357,19 @@ class ContainerServer(Server):
             memory_limit=self.config.memory_limit,
         )
         return info
+
+
+#: Flags whose value is a host file (the vision projector, a chat template file): mounted read-only.
+_FILE_FLAGS = ("--mmproj", "--chat-template-file")
+
+
+def _mount_file_args(args: list[str]) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """``args`` with host file paths rewritten to ``/files/N/NAME``, and the volumes that make them so."""
+    out, volumes = list(args), dict[str, dict[str, str]]()
+    for i, arg in enumerate(out[:-1]):
+        if arg in _FILE_FLAGS:
+            host = Path(out[i + 1]).resolve()
+            bind = f"/files/{len(volumes)}"
+            volumes[str(host.parent)] = {"bind": bind, "mode": "ro"}
+            out[i + 1] = f"{bind}/{host.name}"
+    return out, volumes

@@ -31,6 +31,8 @@ from pytest_llamabench.config import HostMemoryContext, ServerConfig
 from pytest_llamabench.errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
 from pytest_llamabench.hardware.device import VISIBLE_DEVICES, Device, visible_devices_env
 from pytest_llamabench.model.files import ModelInfo, ctx_for_host_memory, verify_model
+from pytest_llamabench.model.projector import ProjectorInfo, vision_projector
+from pytest_llamabench.server.arch import check_architecture
 
 #: Environment variables llama-server reads as defaults; stripped unless the config sets them.
 _STRIPPED_ENV = re.compile(r"^(LLAMA_ARG_\w+|LLAMA_SERVER_DEBUG_FAKE_TIMING|LLAMA_API_KEY)$")
@@ -98,6 +100,7 @@ class Server(abc.ABC):
         self.api_key = api_key_of(config) or api_key
         self.devices: tuple[Device, ...] | None = None if devices is None else tuple(devices)  # None: as inherited
         self.model_info: ModelInfo | None = None
+        self.projector: ProjectorInfo | None = None
         self.args: list[str] = []
         self.base_url: str | None = None
         self.props: dict[str, Any] = {}
@@ -119,9 +122,14 @@ class Server(abc.ABC):
         config = self.config
         model_path = config.model.resolve()
         self.model_info = verify_model(
-            model_path, sha256=config.model.sha256, size=config.model.size, where=f"{config.source} (model)"
+            model_path, sha256=config.model.sha256, size=config.model.size, where=f"{config.source} (model)",
+            rehash=config.model.verify == "always",
         )
+        self._preflight(model_path, self.model_info)
+        self.projector = vision_projector(config, self.model_info)
         self.args = config.server_args(ctx=self._resolve_ctx(self.model_info))
+        if self.projector is not None:
+            self.args += ["--mmproj", str(self.projector.path)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         _LIVE.add(self)
@@ -207,6 +215,9 @@ class Server(abc.ABC):
     @abc.abstractmethod
     def _launch(self, model_path: Path) -> None: ...
 
+    def _preflight(self, model_path: Path, info: ModelInfo) -> None:
+        """Checks before the launch that need the launcher (e.g. the binary's architectures)."""
+
     @abc.abstractmethod
     def _alive(self) -> bool: ...
 
@@ -281,6 +292,9 @@ class LocalServer(Server):
         super().__init__(config, log_dir=log_dir, api_key=api_key, devices=devices)
         self.binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _preflight(self, model_path: Path, info: ModelInfo) -> None:
+        check_architecture(self.binary, info.architecture, model=model_path, where=f"{self.config.source} (model)")
 
     def _launch(self, model_path: Path) -> None:
         argv = [str(self.binary), "--model", str(model_path), "--host", self.host, "--port", "0", *self.args]
