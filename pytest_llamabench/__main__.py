@@ -5,6 +5,7 @@ which-server   print the llama-server that a run would use, and why
 compare        compare two JSON reports (regression gate for CI)
 synth-model    write a GGUF with a real model's shapes and random weights
 docker-image   build the local llama-server image used by container configs
+merge          merge the reports of several hosts (--llamabench-shard) into one
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pytest_llamabench.gate.cli import register as _register_compare
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.image import register as _register_docker_image
 from pytest_llamabench.model.synth import register as _register_synth_model
+from pytest_llamabench.shards.cli import register as _register_merge
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -86,6 +88,7 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type:
     _register_compare,
     _register_synth_model,
     _register_docker_image,
+    _register_merge,
 ]
 
 if __name__ == "__main__":

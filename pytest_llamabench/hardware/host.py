@@ -50,13 +50,24 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _host_cpu_seconds() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole host since boot, from /proc/stat's first line.
+    """(busy, steal) CPU seconds since boot of the cores this process may run on: the whole host
+    (/proc/stat's first line), or only the ``cpuN`` lines of its affinity when it is pinned to a
+    share (an xdist worker, ``hardware.placement``), so servers of other workers on other cores
+    do not count as contention.
 
     Busy is user + nice + system + irq + softirq (+ steal: time a hypervisor gave to others)."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    busy = steal_total = 0
     with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / _CLK_TCK, steal / _CLK_TCK
+        lines = [line.split() for line in fh if line.startswith("cpu")]
+    cores = [f for f in lines[1:] if f[0][3:].isdecimal()]
+    pinned = bool(mine) and len(mine) < len(cores)
+    for fields in [f for f in cores if int(f[0][3:]) in mine] if pinned else lines[:1]:
+        values = [int(v) for v in fields[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+        busy += user + nice + system + irq + softirq + steal
+        steal_total += steal
+    return busy / _CLK_TCK, steal_total / _CLK_TCK
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -106,7 +117,12 @@ class CpuContention:
 
     def as_dict(self) -> dict[str, Any]:
         return {"other_cores": _round(self.other_cores), "steal_cores": _round(self.steal_cores),
-                "busy_cores": self.busy_cores, "busy": self.busy, "cores": os.cpu_count()}  # fmt: skip
+                "busy_cores": self.busy_cores, "busy": self.busy, "cores": _cores()}  # fmt: skip
+
+
+def _cores() -> int | None:
+    """The cores this process may run on (its xdist share), else the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _round(value: float | None) -> float | None:

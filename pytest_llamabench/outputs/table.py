@@ -30,6 +30,8 @@ class Row:
     gen_tok_s: dict[str, float] = dataclasses.field(default_factory=dict)
     rss_mib: float | None = None
     vram_mib: float | None = None
+    #: peak VRAM per GPU (by UUID) of a config whose server saw several GPUs (``gpus = 2``)
+    vram_by_device: dict[str, float] = dataclasses.field(default_factory=dict)
     outcomes: dict[str, str] = dataclasses.field(default_factory=dict)
     problem: str | None = None
     winner: bool = False
@@ -96,6 +98,8 @@ def build_table(
             value = result.peak(metric.name)
             if value is not None:
                 setattr(row, attr, max(getattr(row, attr) or 0.0, value))
+        for device, mib in ((result.server or {}).get("vram") or {}).get("peak_by_device", {}).items():
+            row.vram_by_device[device] = max(row.vram_by_device.get(device, 0.0), float(mib))
         if result.outcome != "passed" and row.problem is None:
             row.problem = _problem(result)
     ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s and not r.busy]
@@ -124,6 +128,14 @@ def _problem(result: ResultEntry) -> str:
     return f"{outcome}: {reason[:60]}" if reason else str(outcome)
 
 
+def _vram_cell(row: Row) -> str:
+    """The summed peak; with several GPUs also each GPU's own peak: ``13412 (6710 + 6702)``."""
+    if not row.vram_mib:
+        return "—"
+    per_gpu = [v for v in row.vram_by_device.values() if v]
+    return f"{row.vram_mib:.0f} ({' + '.join(f'{v:.0f}' for v in per_gpu)})" if len(per_gpu) > 1 else f"{row.vram_mib:.0f}"
+
+
 def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, verdict: WinnerVerdict | None = None) -> str:
     headers = ["Config", *[w.replace("-", " ").title().replace(" ", "-") for w in workloads],
                "RSS (MiB)", "VRAM (MiB)", "Status"]  # fmt: skip
@@ -131,7 +143,7 @@ def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, ver
     for row in rows:
         cells = [f"**{row.config}**" if (markdown and row.winner) else row.config]
         cells += [f"{row.gen_tok_s[w]:.1f}" if w in row.gen_tok_s else "—" for w in workloads]
-        cells += [f"{row.rss_mib:.0f}" if row.rss_mib else "—", f"{row.vram_mib:.0f}" if row.vram_mib else "—"]
+        cells += [f"{row.rss_mib:.0f}" if row.rss_mib else "—", _vram_cell(row)]
         cells.append(f"**{row.status}**" if (markdown and row.winner) else row.status)
         body.append(cells)
     if markdown:

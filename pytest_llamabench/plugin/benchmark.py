@@ -23,7 +23,14 @@ _STABLE_GPU_KEYS = ("index", "name", "uuid", "driver", "cuda", "memory_total_mib
 
 def runner(request: pytest.FixtureRequest) -> Runner | None:
     """``benchmark.pedantic`` as a round runner, or None when pytest-benchmark is absent or off."""
-    if not request.config.pluginmanager.hasplugin("benchmark"):
+    config = request.config
+    if not config.pluginmanager.hasplugin("benchmark"):
+        return None
+    disabled = config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False)
+    if hasattr(config, "workerinput") or disabled:
+        # off (xdist disables it): its fixture, requested and then unused, would warn "Benchmark fixture
+        # was not used at all" and, on gw0, "Benchmarks are automatically disabled because xdist plugin is
+        # active" at exit: errors under filterwarnings = error (an INTERNALERROR at exit)
         return None
     benchmark = request.getfixturevalue("benchmark")
     if getattr(benchmark, "disabled", False):

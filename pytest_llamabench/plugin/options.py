@@ -31,6 +31,15 @@ def _tolerance(value: str) -> Any:
     return parse_tolerance(value)
 
 
+def _shard(value: str) -> Any:
+    from pytest_llamabench.shards.spec import Shard
+
+    try:
+        return Shard.parse(value, "shard")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("shard: ")) from None
+
+
 def _number(convert: Callable[[str], float], ok: Callable[[float], bool], problem: str) -> Callable[[str], Any]:
     """An argparse ``type=`` that converts, checks the range, and says what is wrong."""
 
@@ -99,6 +108,8 @@ OPTIONS = (
            type=_retries, default=0),  # fmt: skip
     Option("request-timeout", "longest silence of llama-server during a request, in seconds (default: from "
            "each workload's timeout_s or its size)", type=_seconds),  # fmt: skip
+    Option("shard", "run shard i of N of the selected configs (sorted names dealt round robin), e.g. 1/2; "
+           "merge the hosts' reports with python -m pytest_llamabench merge", type=_shard),  # fmt: skip
     Option("busy-cores", "a measurement is 'busy' when other processes used more than this many cores",
            type=_cores, default=0.25),  # fmt: skip
 )

@@ -51,6 +51,7 @@ class RunState:
         require_gpu: bool,
         is_worker: bool,
         gate: GateSettings | None = None,
+        shard: Any = None,  # shards.spec.Shard: this host's share of the configs
     ) -> None:
         self.bench = bench
         self.matrix = matrix
@@ -62,6 +63,7 @@ class RunState:
         self.require_gpu = require_gpu
         self.is_worker = is_worker
         self.gate = gate
+        self.shard = shard
         self.report: RunReport | None = None
         self.gate_result: Any = None  # gate.Comparison, or the LlamabenchError that stopped it
         self.started = time.time()
@@ -125,10 +127,16 @@ class RunState:
             require_gpu=bool(options.value(config, "require-gpu")[0]),
             is_worker=workerinput is not None,
             gate=gate,
+            shard=options.value(config, "shard")[0],
         )
         if matrix is not None:
             state.selected_configs()  # unknown names are a usage error now, not at collection
             state.selected_workloads()
+            from pytest_llamabench.plugin import workers  # GPUs and cores of this process (xdist: a share)
+
+            if state.is_controller:
+                workers.check_controller(config, state.selected_configs())
+            settings.placement = workers.placement(config, state.selected_configs())
         return state
 
     # -- selection ---------------------------------------------------------------
@@ -142,11 +150,19 @@ class RunState:
         return self.matrix
 
     def selected_configs(self) -> list[ServerConfig]:
-        return self._matrix().select_configs(self.config_patterns, "--llamabench-config")
+        configs = self._matrix().select_configs(self.config_patterns, "--llamabench-config")
+        if self.shard is not None:  # this host's share (--llamabench-shard): stable by config name
+            names = self.shard.select([c.name for c in configs])
+            configs = [c for c in configs if c.name in names]
+        return configs
 
     def server_starts(self) -> list[ServerConfig]:
-        """The selected configs once per fresh server start, interleaved across configs."""
-        return expand_starts(self.selected_configs(), self.restarts)
+        """The selected configs once per fresh server start, interleaved across configs (searches aside)."""
+        return expand_starts([c for c in self.selected_configs() if c.search is None], self.restarts)
+
+    def search_configs(self) -> list[ServerConfig]:
+        """The selected configs with ``search = {...}``: each runs as one search item (search.py)."""
+        return [c for c in self.selected_configs() if c.search is not None]
 
     def selected_workloads(self) -> list[Workload]:
         return self._matrix().select_workloads(self.workload_patterns, "--llamabench-workload")
@@ -202,6 +218,8 @@ class RunState:
             os.replace(self.report_path, previous)
             messages.append(f"moved the previous run's report to {previous}")
         self.report = RunReport(fingerprint=self.fingerprint(), matrix_files=files)
+        if self.shard is not None:  # python -m pytest_llamabench merge checks that every shard is there
+            self.report.extra["shard"] = self.shard.as_dict([c.name for c in self.selected_configs()])
         return messages
 
     def _sweep_containers(self) -> list[str]:

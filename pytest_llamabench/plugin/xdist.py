@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from pytest_llamabench.plugin import workers
 from pytest_llamabench.plugin.run import RunState
 
 
@@ -13,3 +16,10 @@ class XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["llamabench_run_id"] = self.state.bench.settings.run_id
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """With a matrix and ``--dist load`` (xdist's default for -n) or ``loadgroup``: one config
+        start per scope, so its workloads share one server on one worker (``workers.make_scheduler``)."""
+        if self.state.matrix is None or config.getoption("dist", "no") not in ("load", "loadgroup"):
+            return None
+        return workers.make_scheduler(config, log, lambda: [c.instance for c in self.state.server_starts()])
