@@ -23,6 +23,7 @@ from pytest_llamabench.hardware.placement import Placement, pin
 from pytest_llamabench.measure.workload import Runner, run_workload
 from pytest_llamabench.hardware.host import CpuContention
 from pytest_llamabench.metrics import GEN_TOK_S
+from pytest_llamabench.progress import ProgressCallback, ServerReady
 from pytest_llamabench.results import ResultEntry
 
 
@@ -84,6 +85,7 @@ class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print) -> None:
         self.settings = settings
         self.log = log
+        self.progress: ProgressCallback | None = None  # hears of servers ready (progress.ServerReady)
         self._binary: tuple[Path, str, str] | None = None
 
     def binary(self) -> tuple[Path, str, str]:
@@ -108,6 +110,17 @@ class Bench:
     def placed(self, config: ServerConfig) -> ServerConfig:
         """The config as it runs here: ``threads`` = this worker's cores unless it sets threads."""
         return config if self.settings.placement is None else self.settings.placement.with_threads(config)
+
+    def existing_binary(self) -> Path | None:
+        """The local llama-server if one is there already (never builds), else None."""
+        if self._binary is not None:
+            return self._binary[0]
+        try:
+            path, _ = resolve_server_bin(self.settings.server_bin_candidates, spec=self.settings.build_spec,
+                                         build_if_missing=False, log=self.log)  # fmt: skip
+        except LlamabenchError:
+            return None
+        return path
 
     def make_server(self, config: ServerConfig) -> Server:
         devices = self.devices_for(config)
@@ -166,6 +179,8 @@ class Bench:
                 exc.context["memory"] = launch_plan.facts(_read(server.log_path)) if launch_plan else None
                 raise
             stack.callback(server.stop)
+            if self.progress is not None:
+                self.progress(ServerReady(config.instance, server.load_seconds))
             running = RunningServer(server, vram, ballast, log=self.log)
             running.placement = self.settings.placement
             running.plan = launch_plan
@@ -204,6 +219,7 @@ def measure(
     *,
     runner: Runner | None = None,
     settings: MeasureSettings = MeasureSettings(),
+    progress: ProgressCallback | None = None,
 ) -> ResultEntry:
     """Run a workload on a running server: the typed result with the facts around it.
 
@@ -215,7 +231,7 @@ def measure(
         gpu_before = running.vram.contention() if running.vram is not None else (0, 0, 0)
         with CpuContention(running.server.pids, settings.busy_cores) as contention:
             measurement = run_workload(running.server, workload, runner=runner if attempt == 0 else None,
-                                       timeout_s=settings.timeout_s)  # fmt: skip
+                                       timeout_s=settings.timeout_s, progress=progress)  # fmt: skip
         load = contention.as_dict()
         if running.vram is not None:
             samples, contended, throttled = (a - b for a, b in zip(running.vram.contention(), gpu_before))

@@ -89,6 +89,12 @@ class UnsupportedArchitecture(ServerStartError):
     kind = "unsupported-architecture"
 
 
+class ChatTemplateError(ServerStartError):
+    """The chat template given to the server (a file or a built-in name) does not parse or is unknown."""
+
+    kind = "bad-template"
+
+
 class ModelLoadError(ServerStartError):
     """The model file is missing, not GGUF, truncated or otherwise unloadable."""
 
@@ -158,3 +164,30 @@ class ThresholdNotMet(LlamabenchError):
     """A measured value missed a configured threshold."""
 
     kind = "threshold"
+
+
+# -- quant quality (quality/: llama-perplexity, llama-quantize) ---------------------
+
+
+class CorpusError(ConfigError):
+    """A quality workload's corpus is missing, unreadable, or too short for two contexts."""
+
+    kind = "bad-corpus"
+
+
+class ToolMissing(ConfigError):
+    """A llama.cpp tool (llama-perplexity, llama-quantize) is not beside the llama-server in use."""
+
+    kind = "missing-tool"
+
+
+class VocabularyMismatch(ConfigError):
+    """A model and its quality reference have different vocabularies: KL divergence is meaningless."""
+
+    kind = "vocab-mismatch"
+
+
+class QualityRunFailed(LlamabenchError):
+    """llama-perplexity or llama-quantize failed, or printed no result."""
+
+    kind = "quality-failed"

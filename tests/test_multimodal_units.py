@@ -244,3 +244,28 @@ def test_host_files_in_args_are_mounted_into_a_container() -> None:
     args, volumes = _mount_file_args(["--ctx-size", "512", "--mmproj", "/data/mm/p.gguf", "--chat-template-file", "/t/c.jinja"])
     assert args == ["--ctx-size", "512", "--mmproj", "/files/0/p.gguf", "--chat-template-file", "/files/1/c.jinja"]
     assert volumes == {"/data/mm": {"bind": "/files/0", "mode": "ro"}, "/t": {"bind": "/files/1", "mode": "ro"}}
+
+
+def test_the_session_names_models_the_build_cannot_load_before_any_server(tmp_path: Path, text_model: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from pytest_llamabench.preflight import architecture_problems
+
+    future = tmp_path / "future.gguf"
+    writer = gguf.GGUFWriter(str(future), "qwen35moe")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'[models.old]\npath = "{text_model}"\n[models.new]\npath = "{future}"\n[defaults]\nctx = 512\n'
+                      '[configs.a]\nmodel = "old"\n[configs.b]\nmodel = "new"\n[configs.c]\nmodel = "new"\n')  # fmt: skip
+    configs = list(load_matrix([matrix]).configs.values())
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"\x00llama\x00qwen3moe\x00")  # an old build: no qwen35moe
+    problems = architecture_problems(configs, lambda: binary)
+    assert [p.split(":")[0] for p in problems] == ["config b will fail", "config c will fail"]
+    assert "does not know architecture 'qwen35moe'" in problems[0]
+    assert architecture_problems(configs, lambda: None) == []  # no binary yet: the launches check

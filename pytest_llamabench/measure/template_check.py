@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import weakref
 from typing import Any
 
 from pytest_llamabench.config import ServerConfig, Workload
@@ -30,7 +31,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And of Italy? Answer in one word."},
 ]
-_CHECKS: dict[int, dict[str, Any]] = {}  # id(server) -> its check, done once per server
+_CHECKS: weakref.WeakKeyDictionary[Server, dict[str, Any]] = weakref.WeakKeyDictionary()  # once per server
 _DIFF_LINES = 80
 
 
@@ -48,10 +49,9 @@ def facts(server: Server, workload: Workload) -> dict[str, Any]:
 
 
 def template_check(server: Server) -> dict[str, Any]:
-    key = id(server)
-    if key not in _CHECKS:
-        _CHECKS[key] = compare_templates(server)
-    return _CHECKS[key]
+    if server not in _CHECKS:
+        _CHECKS[server] = compare_templates(server)
+    return _CHECKS[server]
 
 
 def compare_templates(server: Server) -> dict[str, Any]:

@@ -6,6 +6,7 @@ values. The controller (or the only process) owns the ``RunReport`` and writes i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -20,6 +21,9 @@ from pytest_llamabench.config import Matrix, ServerConfig, Workload, expand_star
 from pytest_llamabench.errors import ConfigError, LlamabenchError
 from pytest_llamabench.hardware.host import host_fingerprint
 from pytest_llamabench.outputs import markdown
+from pytest_llamabench.outputs import load_table
+from pytest_llamabench.preflight import architecture_problems
+from pytest_llamabench.outputs import quality_table
 from pytest_llamabench.outputs.table import build_table, render
 from pytest_llamabench.plugin import options
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
@@ -68,6 +72,7 @@ class RunState:
         self.gate_result: Any = None  # gate.Comparison, or the LlamabenchError that stopped it
         self.started = time.time()
         self.expected_tests: int | None = None  # matrix tests collected (unknown on an xdist controller)
+        self.html_path: Path | None = report_path.with_suffix(".html")  # None: --llamabench-html=off
 
     @property
     def is_controller(self) -> bool:
@@ -129,6 +134,10 @@ class RunState:
             gate=gate,
             shard=options.value(config, "shard")[0],
         )
+        if options.value(config, "html")[0] == "off":
+            state.html_path = None
+        elif options.value(config, "html")[0]:
+            state.html_path = options.path_value(config, "html")[0]
         if matrix is not None:
             state.selected_configs()  # unknown names are a usage error now, not at collection
             state.selected_workloads()
@@ -137,6 +146,8 @@ class RunState:
             if state.is_controller:
                 workers.check_controller(config, state.selected_configs())
             settings.placement = workers.placement(config, state.selected_configs())
+            # README "Which llama-server": GPU configs and a usable GPU -> a cached CUDA build first
+            settings.prefer_cuda = any(c.gpu for c in state.selected_configs()) and state.gpu_status().available
         return state
 
     # -- selection ---------------------------------------------------------------
@@ -218,6 +229,9 @@ class RunState:
             os.replace(self.report_path, previous)
             messages.append(f"moved the previous run's report to {previous}")
         self.report = RunReport(fingerprint=self.fingerprint(), matrix_files=files)
+        if self.matrix is not None:  # before a long matrix: models the build cannot load, named now
+            with contextlib.suppress(LlamabenchError):  # a bad --llamabench-config is reported elsewhere
+                messages += architecture_problems(self.selected_configs(), self.bench.existing_binary)
         if self.shard is not None:  # python -m pytest_llamabench merge checks that every shard is there
             self.report.extra["shard"] = self.shard.as_dict([c.name for c in self.selected_configs()])
         return messages
@@ -259,10 +273,21 @@ class RunState:
         if self.gate is not None:
             regressed = self._run_gate(report, self.gate)
         table = self._table(markdown=True)  # also puts the winner verdict in the report
+        table = "\n\n".join(t for t in (table, self._load_table(markdown=True)) if t)  # and the load curves
+        table = "\n\n".join(t for t in (table, self._quality_table(markdown=True)) if t)  # and quant quality
         report.write(self.report_path, finished=interrupted is None)
+        images = self._write_pictures(report)
         if table:
-            markdown.write(self.report_path.with_suffix(".md"), table)
+            markdown.write(self.report_path.with_suffix(".md"), table, images)
         return regressed
+
+    def _write_pictures(self, report: RunReport) -> list[tuple[str, str]]:
+        """The HTML page and the charts beside the markdown (outputs/pictures.py); (title, path) of each chart."""
+        if self.html_path is None:
+            return []
+        from pytest_llamabench.outputs.pictures import write_pictures
+
+        return write_pictures(report, self.html_path, self.report_path.with_suffix(".md"), log=self.bench.log)
 
     def _run_gate(self, report: RunReport, gate: GateSettings) -> bool:
         from pytest_llamabench.gate import compare
@@ -285,9 +310,31 @@ class RunState:
         if self.report.interrupted:
             done = len(self.report.results)
             partial = f"interrupted ({self.report.interrupted}): {done} of {self.expected_tests or '?'} results"
-        rows, workloads, verdict = build_table(self.report.per_unit(), descriptions, partial=partial)
+        plain = [e for e in self.report.per_unit() if not load_table.is_load(e)]  # load levels: their own table
+        plain = [e for e in plain if not quality_table.is_quality(e)]  # quant quality too
+        exclude = quality_table.excluded(self.report.per_unit())  # a NOT RECOMMENDED model never wins
+        rows, workloads, verdict = build_table(plain, descriptions, partial=partial, exclude=exclude)
         self.report.extra["winner"] = verdict.as_dict()
-        return render(rows, workloads, markdown=markdown, verdict=verdict) if rows else ""
+        from pytest_llamabench.outputs.production import winner_footer  # the winner as a production config
+
+        footer = winner_footer(self.report, self.report.extra["winner"], markdown=markdown)
+        return (render(rows, workloads, markdown=markdown, verdict=verdict) + footer) if rows else ""
+
+    def _quality_table(self, markdown: bool) -> str:
+        """Quant | Size | PPL | vs reference | KLD | same top p | Verdict; its rows go in the report."""
+        assert self.report is not None
+        rows = quality_table.build_rows(self.report.per_unit())
+        if rows:
+            self.report.extra["quality"] = quality_table.as_dict(rows)
+        return quality_table.render(rows, markdown=markdown) if rows else ""
+
+    def _load_table(self, markdown: bool) -> str:
+        """Throughput vs latency per config and concurrent workload; the curves go in the report."""
+        assert self.report is not None
+        curves = load_table.build_curves(self.report.per_unit())
+        if curves:
+            self.report.extra["load"] = [c.as_dict() for c in curves]
+        return load_table.render(curves, markdown=markdown) if curves else ""
 
     def summary_sections(self) -> list[tuple[str, str]]:
         if self.is_worker or self.report is None or not self.report.results:
@@ -296,6 +343,12 @@ class RunState:
         table = self._table(markdown=False)
         if table:
             sections.append(("llamabench results", table))
+        load = self._load_table(markdown=False)
+        quality = self._quality_table(markdown=False)
+        if quality:
+            sections.append(("llamabench quant quality", quality))
+        if load:
+            sections.append(("llamabench load: throughput vs latency", load))
         failures = [
             f"{e.config}/{e.workload}: {e.outcome} [{e.failure.kind}] {e.failure.message}"
             for e in self.report.results
@@ -303,13 +356,17 @@ class RunState:
         ]
         if failures:
             sections.append(("llamabench failures", "\n".join(failures)))
+        searches = [e.extra["search"]["line"] for e in self.report.results if isinstance(e.extra.get("search"), dict)]
+        if searches:  # auto-fit searches (search.py): every probe is in the JSON
+            sections.append(("llamabench searches", "\n".join(searches)))
         if self.gate is not None and self.gate_result is not None:
             from pytest_llamabench.gate import render
 
             text = (f"gate error: {self.gate_result}" if isinstance(self.gate_result, LlamabenchError)
                     else render(self.gate_result, "text"))  # fmt: skip
             sections.append((f"llamabench gate vs {self.gate.path}", text))
-        sections.append(("llamabench report", f"JSON: {self.report_path}\nmarkdown: {self.report_path.with_suffix('.md')}"))
+        html = f"\nHTML: {self.html_path}" if self.html_path is not None else ""
+        sections.append(("llamabench report", f"JSON: {self.report_path}\nmarkdown: {self.report_path.with_suffix('.md')}{html}"))
         return sections
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 
 from pytest_llamabench.errors import (
+    ChatTemplateError,
     ModelLoadError,
     ServerCrashed,
     ServerExited,
@@ -39,6 +40,11 @@ _BUFFER_KINDS = (
 _UNKNOWN_ARG = re.compile(
     r"error: (?:invalid|unknown) argument: (\S+)|error while handling argument \"([^\"]+)\":?\s*(.*)", re.I
 )
+# "error: the supplied chat template is not supported: <template>" (a --chat-template-file or name the
+# server cannot parse), after "common_chat_verify_template: failed to apply template: <why>"
+_BAD_TEMPLATE = re.compile(r"the supplied chat template is not supported|chat template parsing error: (.*)")
+_TEMPLATE_WHY = re.compile(r"failed to apply template: (.*)|chat template parsing error: (.*)")
+_TEMPLATE_ARG = re.compile(r"--chat-template(?:-file)? (\S+)")
 _UNKNOWN_ARCH = re.compile(r"unknown model architecture: '([^']+)'")
 _BAD_MODEL = re.compile(
     r"(failed to read magic|failed to read key-value pairs|invalid magic characters|gguf_init_from_file\w*: failed|"
@@ -103,6 +109,16 @@ def classify_failure(
             f"this llama-server build does not accept {arg!r}{': ' + why if why else ''} "
             f"({status}); fix or remove it in the config, or use a newer build ("
             "--llamabench-server-bin, build-server)",
+            log_tail=tail,
+        )
+    if _BAD_TEMPLATE.search(log):
+        why = _TEMPLATE_WHY.search(log)
+        given = _TEMPLATE_ARG.search(log.split("\n", 1)[0])  # the argv line the launcher wrote first
+        what_template = f"chat template {given.group(1)}" if given else "the GGUF's chat template"
+        detail = f": {(why.group(1) or why.group(2)).strip()[:200]}" if why else ""
+        return ChatTemplateError(
+            f"{what} rejected {what_template}: it does not parse{detail} ({status}); fix the template, or "
+            'set chat_template = "gguf" (the model\'s own) or a built-in name such as "chatml" in the config',
             log_tail=tail,
         )
     if m := _UNKNOWN_ARCH.search(log):

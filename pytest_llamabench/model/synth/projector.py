@@ -9,6 +9,10 @@ clip.cpp's SigLIP graph) runs on it: image decoding, preprocessing, the ViT, the
 the image tokens in the text model's batch. Encoding cost depends on shapes, not weights; the
 answers are noise.
 
+Every image is resized to ``clip.vision.preproc_image_size`` (here the tile size, 512 px) and
+encoded as an overview plus its tiles; the published SmolVLM file may set a larger longest edge
+(more tiles per image), so compare encode times per tile, not per image.
+
 Required keys and tensors follow llama.cpp's ``tools/mtmd/clip.cpp`` (``load_hparams``,
 ``load_tensors``, ``clip_graph_siglip``) of the pinned build.
 """
