@@ -17,6 +17,8 @@ from pytest_llamabench.plugin.reporting import ENTRY, ReportHooks, phase_entry
 from pytest_llamabench.plugin.run import RunState
 from pytest_llamabench.plugin.xdist import XdistHooks
 from pytest_llamabench.results import ResultEntry
+from pytest_llamabench.plugin.search import llama_search
+from pytest_llamabench.plugin.search import parametrize as parametrize_searches
 
 STATE = pytest.StashKey[RunState]()
 
@@ -103,6 +105,8 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(raises=ServerOutOfMemory, strict=True, reason=f"expected OOM ({reason})")
 
 
+        if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
+            parametrize_searches(metafunc, state.search_configs())
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_inapplicable(config, items)
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
@@ -215,4 +219,4 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(text)
 
 
-__all__ = ["llama_server", "llama_workload", "llamabench"]
+__all__ = ["llama_search", "llama_server", "llama_workload", "llamabench"]

@@ -33,6 +33,8 @@ def phase_entry(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.T
         entry.failure = Failure.from_exception(exc)
         entry.server = _dict_or_none(exc.context.get("server"))
         entry.model = _dict_or_none(exc.context.get("model"))
+        if memory := _dict_or_none(exc.context.get("memory")):
+            entry.extra["memory"] = memory  # the plan beside what the failed launch reported (planning.py)
         if hasattr(report, "wasxfail"):
             report.wasxfail = f"{report.wasxfail}: {exc.summary}"
         elif report.failed:  # one clear line instead of a traceback through the plugin
