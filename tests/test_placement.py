@@ -198,3 +198,17 @@ def test_table_shows_vram_per_gpu_and_summed() -> None:
     rows, workloads, verdict = build_table([two, one])
     text = render(rows, workloads, markdown=True, verdict=verdict)
     assert "| 13000 (6600 + 6400) |" in text and "| 7000 |" in text, text
+
+
+def test_a_remote_docker_engine_is_one_clear_error_not_a_readiness_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_llamabench.errors import DockerUnavailable
+    from pytest_llamabench.server.container import ContainerServer
+    from pytest_llamabench.server.docker import remote_engine
+
+    assert remote_engine("ssh://me@gpu1") == "ssh://me@gpu1"
+    assert remote_engine("tcp://gpu1:2375") == "tcp://gpu1:2375"
+    assert remote_engine("tcp://127.0.0.1:2375") is None and remote_engine("unix:///var/run/docker.sock") is None
+    config = configs(tmp_path, '[configs.c]\nimage = "pytest-llamabench/llama-server:local"\n')["c"]
+    monkeypatch.setenv("DOCKER_HOST", "ssh://me@gpu1")
+    with pytest.raises(DockerUnavailable, match=r"DOCKER_HOST=ssh://me@gpu1: the Docker engine is on another machine"):
+        ContainerServer(config, run_id="x", log_dir=tmp_path)._launch(tmp_path / "m.gguf")

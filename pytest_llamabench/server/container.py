@@ -24,7 +24,7 @@ from pytest_llamabench.server.classify import classify_failure
 from pytest_llamabench.config import ServerConfig
 from pytest_llamabench.hardware.device import Device
 from pytest_llamabench.errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
-from pytest_llamabench.server.docker import _DAEMON_HINT, DockerClient, container_name, docker_client, owner_labels
+from pytest_llamabench.server.docker import _DAEMON_HINT, DockerClient, container_name, docker_client, owner_labels, remote_engine
 from pytest_llamabench.server.image import DEFAULT_TAG
 from pytest_llamabench.server.launcher import Server, process_peak_rss_mib, redacted
 
@@ -174,6 +174,13 @@ class ContainerServer(Server):
     # -- launch ------------------------------------------------------------------
 
     def _launch(self, model_path: Path) -> None:
+        if self._docker is None and (remote := remote_engine()):
+            raise DockerUnavailable(
+                f"DOCKER_HOST={remote}: the Docker engine is on another machine, where the server's port is "
+                "published on that machine's 127.0.0.1 only (servers never listen on a network) and the model "
+                "must be at the same path; run pytest on the GPU host itself (one CI job or `ssh HOST pytest "
+                "--llamabench-shard=i/N ...` per host), with DOCKER_HOST unset or local there"
+            )
         if self._docker is None:
             self._docker = docker_client()
         assert self.config.image is not None

@@ -67,6 +67,18 @@ def _socket_problem() -> str | None:
     return None
 
 
+def remote_engine(host: str | None = None) -> str | None:
+    """``DOCKER_HOST`` when it names an engine on another machine (``ssh://``, ``tcp://`` to a
+    host other than this one), else None. A container's port is published on the engine host's
+    127.0.0.1 only, so a harness elsewhere cannot reach the server."""
+    host = os.environ.get("DOCKER_HOST", "") if host is None else host
+    scheme, _, rest = host.partition("://")
+    if scheme == "ssh":
+        return host
+    name = rest.rsplit("@", 1)[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+    return host if scheme in ("tcp", "http", "https") and name not in ("localhost", "127.0.0.1", "::1") else None
+
+
 def docker_client() -> DockerClient:
     """A connected client from the environment (DOCKER_HOST, ...); DockerUnavailable if none."""
     docker_sdk()
