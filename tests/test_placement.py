@@ -22,6 +22,8 @@ from pytest_llamabench.hardware.placement import (
     Placement,
     check_workers,
     cpu_list,
+    parse_cpu_list,
+    physical_cores,
     split_cpus,
     split_devices,
     worker_placement,
@@ -48,10 +50,16 @@ def configs(tmp_path: Path, text: str) -> dict[str, ServerConfig]:
 def test_each_worker_gets_its_own_gpus_and_cores() -> None:
     slices = [worker_placement(k, 2, devices=GPUS, cpus=range(32)) for k in range(2)]
     assert [p.devices for p in slices] == [tuple(GPUS[:2]), tuple(GPUS[2:])]
-    assert [p.cpus for p in slices] == [tuple(range(16)), tuple(range(16, 32))]
+    cpus = [set(p.cpus or ()) for p in slices]  # this host's hyper-thread topology decides the exact split
+    assert not cpus[0] & cpus[1] and cpus[0] | cpus[1] == set(range(32)) and all(p.physical_cores for p in slices)
+    assert split_cpus(range(32), 2, lambda cpu: {cpu}) == [tuple(range(16)), tuple(range(16, 32))]
     assert split_devices(GPUS[:3], 2) == [(GPUS[0],), (GPUS[1],)]  # the third GPU stays idle
     assert split_cpus([0, 1, 2, 3, 8], 2) == [(0, 1, 2), (3, 8)]
-    assert cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11" and parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    # hyper-threads: CPU n and n+4 are one core; each worker gets whole cores, threads = its cores
+    siblings = lambda cpu: {cpu % 4, cpu % 4 + 4}  # noqa: E731
+    assert split_cpus(range(8), 2, siblings) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+    assert physical_cores([0, 1, 4, 5], siblings) == [(0, 4), (1, 5)]
     alone = worker_placement(0, 1, devices=GPUS[:2], cpus=range(4))
     assert alone.devices == tuple(GPUS[:2]) and alone.cpus is None  # no xdist: nothing is pinned
 

@@ -8,10 +8,13 @@ worker gets its own slice of the host so that concurrent servers never meet:
   worker k gets slice k. A leftover device (3 GPUs, ``-n 2``) is left idle. A config with
   ``gpus = g`` uses the first g devices of its worker's slice; a config that needs more
   than a slice holds fails with one error naming both numbers and the fix.
-- **CPU cores**: the cores this process may run on (``os.sched_getaffinity``) cut into N
-  contiguous, equal slices (the remainder goes to the first workers); the worker pins
+- **CPU cores**: the cores this process may run on (``os.sched_getaffinity``), grouped into
+  physical cores (hyper-thread siblings stay together: on many hosts CPU n and n+16 are one
+  core, and a plain split would give two workers the two halves of the same cores), cut into
+  N contiguous, equal slices (the remainder goes to the first workers); the worker pins
   itself (and so its servers and its client) to its slice, and a config that does not set
-  ``threads`` gets ``--threads`` = the cores of its slice.
+  ``threads`` gets ``--threads`` = the physical cores of its slice (llama.cpp's own default
+  counts physical cores too).
 
 Without xdist (or ``-n 0``/``-n 1``) the single process keeps every device and core;
 ``gpus = g`` still selects the first g devices, so a one-GPU config never spreads over
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pytest_llamabench.config import ServerConfig
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
@@ -40,6 +43,7 @@ class Placement:
     workers: int = 1
     devices: tuple[Device, ...] | None = None
     cpus: tuple[int, ...] | None = None
+    physical_cores: int | None = None  # of ``cpus``
 
     def devices_for(self, config: ServerConfig) -> tuple[Device, ...] | None:
         """The GPUs of one config: the first ``config.gpus`` of this slice."""
@@ -61,7 +65,8 @@ class Placement:
         """``config`` with ``threads`` = the cores of this slice, unless it sets threads itself."""
         if self.cpus is None or "threads" in config.server:
             return config
-        return dataclasses.replace(config, server={**config.server, "threads": len(self.cpus)})
+        threads = self.physical_cores or len(self.cpus)
+        return dataclasses.replace(config, server={**config.server, "threads": threads})
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -69,6 +74,7 @@ class Placement:
             "workers": self.workers,
             "devices": None if self.devices is None else [d.uuid for d in self.devices],
             "cpus": None if self.cpus is None else cpu_list(self.cpus),
+            "physical_cores": self.physical_cores,
         }
 
 
@@ -78,16 +84,50 @@ def split_devices(devices: Sequence[Device], workers: int) -> list[tuple[Device,
     return [tuple(devices[k * per:(k + 1) * per]) for k in range(workers)]
 
 
-def split_cpus(cpus: Iterable[int], workers: int) -> list[tuple[int, ...]]:
-    """``workers`` contiguous slices of the sorted cores; sizes differ by at most one."""
-    ordered = sorted(cpus)
-    per, extra = divmod(len(ordered), workers)
+def physical_cores(cpus: Iterable[int], siblings: Callable[[int], Iterable[int]] | None = None) -> list[tuple[int, ...]]:
+    """``cpus`` grouped by physical core (hyper-thread siblings together), ordered by lowest CPU.
+
+    ``siblings(cpu)``: the CPUs sharing ``cpu``'s core (default: the kernel's
+    ``topology/thread_siblings_list``; a CPU alone where that cannot be read)."""
+    wanted = set(cpus)
+    read = siblings or _thread_siblings
+    groups: dict[tuple[int, ...], None] = {}
+    for cpu in sorted(wanted):
+        groups[tuple(sorted({cpu, *read(cpu)} & wanted))] = None
+    return sorted(groups, key=min)
+
+
+def split_cpus(
+    cpus: Iterable[int], workers: int, siblings: Callable[[int], Iterable[int]] | None = None
+) -> list[tuple[int, ...]]:
+    """``workers`` slices of whole physical cores, contiguous in CPU order; the numbers of cores
+    differ by at most one."""
+    cores = physical_cores(cpus, siblings)
+    per, extra = divmod(len(cores), workers)
     slices, at = [], 0
     for k in range(workers):
         size = per + (1 if k < extra else 0)
-        slices.append(tuple(ordered[at:at + size]))
+        slices.append(tuple(sorted(cpu for core in cores[at:at + size] for cpu in core)))
         at += size
     return slices
+
+
+def _thread_siblings(cpu: int) -> list[int]:
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
+            return parse_cpu_list(fh.read())
+    except (OSError, ValueError):
+        return [cpu]
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The kernel's cpulist format (``0-3,8,10-11``) as a list of CPUs."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            low, _, high = part.partition("-")
+            out += range(int(low), int(high or low) + 1)
+    return out
 
 
 def check_workers(workers: int, *, cpus: int, devices: Sequence[Device] | None, gpus_needed: int) -> None:
@@ -121,7 +161,8 @@ def worker_placement(
     if workers <= 1:
         return Placement(0, 1, None if devices is None else tuple(devices), None)
     device_slice = None if devices is None else split_devices(devices, workers)[worker]
-    return Placement(worker, workers, device_slice, split_cpus(cpus, workers)[worker])
+    mine = split_cpus(cpus, workers)[worker]
+    return Placement(worker, workers, device_slice, mine, len(physical_cores(mine)))
 
 
 def auto_workers(devices: Sequence[Device], gpus_needed: int, cpus: int) -> int:
@@ -146,5 +187,5 @@ def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts)
 
 
-__all__ = ["Placement", "auto_workers", "check_workers", "cpu_list", "pin", "split_cpus", "split_devices",
-           "worker_placement"]  # fmt: skip
+__all__ = ["Placement", "auto_workers", "check_workers", "cpu_list", "parse_cpu_list", "physical_cores", "pin",
+           "split_cpus", "split_devices", "worker_placement"]  # fmt: skip

@@ -17,7 +17,13 @@ import pytest
 from pytest_llamabench.config import ServerConfig
 from pytest_llamabench.errors import ConfigError, GpuUnavailable
 from pytest_llamabench.hardware.device import Device
-from pytest_llamabench.hardware.placement import Placement, auto_workers, check_workers, worker_placement
+from pytest_llamabench.hardware.placement import (
+    Placement,
+    auto_workers,
+    check_workers,
+    physical_cores,
+    worker_placement,
+)
 
 #: ``--dist`` modes that would run one config's tests on several workers (two servers for
 #: one config, racing for one GPU) or every test on every worker.
@@ -77,7 +83,8 @@ def check_controller(config: pytest.Config, configs: Sequence[ServerConfig]) -> 
             "racing for the same GPU); leave --dist out (pytest-llamabench then keeps each config on one "
             "worker) or use --dist loadgroup"
         )
-    check_workers(workers, cpus=len(os.sched_getaffinity(0)), devices=discover(configs), gpus_needed=gpus_needed(configs))
+    cores = len(physical_cores(os.sched_getaffinity(0)))
+    check_workers(workers, cpus=cores, devices=discover(configs), gpus_needed=gpus_needed(configs))
 
 
 def auto_num_workers(configs: Sequence[ServerConfig]) -> int | None:
@@ -86,7 +93,7 @@ def auto_num_workers(configs: Sequence[ServerConfig]) -> int | None:
     devices = discover(configs)
     if not devices:
         return None
-    return auto_workers(devices, gpus_needed(configs), len(os.sched_getaffinity(0)))
+    return auto_workers(devices, gpus_needed(configs), len(physical_cores(os.sched_getaffinity(0))))
 
 
 def config_group(nodeid: str, instances: Iterable[str]) -> str | None:
