@@ -3,13 +3,16 @@
 #   bash scripts/gpu-parallel.sh start   copy the tree to /tmp, then in the background (setsid): the CUDA
 #                                        build and both synthetic models (each skipped when already there),
 #                                        then the synthetic C1-C8 matrix with -n 0 and with -n 2, both with a
-#                                        16 GiB budget, then benchmarks/parallel_vs_serial.py on the two reports
+#                                        16 GiB budget, then one server on both GPUs (gpus = 2,
+#                                        configs/synthetic-two-gpus.toml), then benchmarks/parallel_vs_serial.py
 #   bash scripts/gpu-parallel.sh wait    wait (up to 9 min) for it and copy what it wrote to $OUT
 # The job runs from a copy because the device tool re-copies the checkout on every call.
 # Inputs in .carry/ (as for scripts/gpu-noise.sh): the llama.cpp source (llama-cpp-python 0.3.36 sdist),
 # the gguf wheel, and llama.cpp's models/ggml-vocab-qwen2.gguf.
-# Device time: about 4 min per matrix run with WORKLOADS="short long" (the default here); set
-# WORKLOADS="short medium long multi-turn" for the whole matrix (about 2x longer).
+# Device time (estimated from the H100 run: 314 s for all 4 workloads serially): about 3-4 min for the
+# serial run and 2 min for the parallel one with WORKLOADS="short long" (the default here), 1 min for
+# two-gpus; plus the CUDA build (4 min) and the models (1 min) when not already there. Call wait again
+# if it returns before "job done". WORKLOADS="short medium long multi-turn" runs the whole matrix.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -46,6 +49,11 @@ job)
     "${PYTEST[@]}" -n 2 --llamabench-json="$JOB/out/parallel.json" > "$JOB/out/parallel.txt" 2>&1
     echo "parallel done: $?"
     nvidia-smi --query-gpu=index,memory.used --format=csv
+    # one server on both GPUs (gpus = 2): the budget held and VRAM sampled on each
+    python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider -m gpu benchmarks \
+        --llamabench-matrix=configs/synthetic-two-gpus.toml --llamabench-vram-budget=16GiB \
+        --llamabench-json="$JOB/out/two-gpus.json" > "$JOB/out/two-gpus.txt" 2>&1
+    echo "two-gpus done: $?"
     python3 benchmarks/parallel_vs_serial.py "$JOB/out/serial.json" "$JOB/out/parallel.json" \
         --out "$JOB/out/parallel-vs-serial.md" > "$JOB/out/parallel-vs-serial.txt" 2>&1
     echo "job done: $?"
@@ -55,6 +63,6 @@ wait)
     cp "$JOB"/out/* "$OUT/" 2>/dev/null
     tar czf "$OUT/logs.tgz" -C "$JOB/repo" .llamabench/logs 2>/dev/null
     tail -8 "$JOB/out/job.txt"; cat "$JOB/out/parallel-vs-serial.txt" 2>/dev/null
-    tail -4 "$JOB/out/serial.txt" "$JOB/out/parallel.txt" 2>/dev/null
+    tail -4 "$JOB/out/serial.txt" "$JOB/out/parallel.txt" 2>/dev/null; tail -22 "$JOB/out/two-gpus.txt" 2>/dev/null
     ;;
 esac

@@ -49,6 +49,8 @@ class Placement:
         """The GPUs of one config: the first ``config.gpus`` of this slice."""
         if not config.gpu or self.devices is None:
             return None
+        if not self.devices:
+            return ()  # CUDA_VISIBLE_DEVICES hides every GPU: the launcher says so
         wanted = config.gpus
         if wanted > len(self.devices):
             share = (f"xdist worker {self.worker + 1} of {self.workers} has {len(self.devices)} of them"
