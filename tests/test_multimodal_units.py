@@ -269,3 +269,16 @@ def test_the_session_names_models_the_build_cannot_load_before_any_server(tmp_pa
     assert [p.split(":")[0] for p in problems] == ["config b will fail", "config c will fail"]
     assert "does not know architecture 'qwen35moe'" in problems[0]
     assert architecture_problems(configs, lambda: None) == []  # no binary yet: the launches check
+
+
+def test_a_synth_projector_projects_to_its_text_model(text_model: Path) -> None:
+    import dataclasses
+
+    from pytest_llamabench.model.projector import resolve_mmproj
+
+    smol = verify_model(text_model, hash_file=False)
+    wide = dataclasses.replace(smol, n_embd=2048)  # e.g. the synthetic Qwen3-30B-A3B
+    assert verify_projector(resolve_mmproj("synth:tiny", "w", smol), text_model=smol, where="w").projection_dim == 576
+    assert verify_projector(resolve_mmproj("synth:tiny", "w", wide), text_model=wide, where="w").projection_dim == 2048
+    with pytest.raises(ConfigError, match=r"unknown synthetic projector 'huge'; known: smolvlm-256m, tiny"):
+        resolve_mmproj("synth:huge", "m.toml:models.m.mmproj", smol)

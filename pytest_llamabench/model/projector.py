@@ -44,12 +44,14 @@ class ProjectorInfo:
             k: v for k, v in dataclasses.asdict(self).items() if k != "path"}}  # fmt: skip
 
 
-def resolve_mmproj(value: str, where: str) -> Path:
-    """A path, or ``synth:NAME`` written into the cache on first use."""
+def resolve_mmproj(value: str, where: str, text_model: ModelInfo | None = None) -> Path:
+    """A path, or ``synth:NAME`` written into the cache on first use, projecting to the text model's
+    width (SmolVLM-256M's encoder for SmolLM2-135M's 576, or for a synthetic Qwen3-30B-A3B's 2048)."""
     if value.startswith(SYNTH_PREFIX):
         from pytest_llamabench.model.synth.projector import cached_synthetic_projector
 
-        return cached_synthetic_projector(value[len(SYNTH_PREFIX) :], where)
+        width = text_model.n_embd if text_model is not None and text_model.n_embd else None
+        return cached_synthetic_projector(value[len(SYNTH_PREFIX) :], where, projection_dim=width)
     return Path(value)
 
 
@@ -101,7 +103,7 @@ def vision_projector(config: ServerConfig, text_model: ModelInfo) -> ProjectorIn
     if spec.mmproj is None:
         return None
     where = f"{spec.source}.mmproj" if spec.source else "mmproj"
-    path = resolve_mmproj(spec.mmproj, where)
+    path = resolve_mmproj(spec.mmproj, where, text_model)
     return verify_projector(path, text_model=text_model, where=where, sha256=spec.mmproj_sha256)
 
 

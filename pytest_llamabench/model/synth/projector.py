@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 from pytest_llamabench.errors import ConfigError
@@ -88,7 +89,7 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path, *, seed: int = 
         return np.zeros(n, dtype=np.float32)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # xdist workers may write it at once
     writer = gguf.GGUFWriter(str(tmp), "clip")
     writer.add_string("general.name", f"synthetic {shape.name} projector (random weights)")
     writer.add_string("general.description", shape.description)
@@ -137,14 +138,17 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path, *, seed: int = 
     return path
 
 
-def cached_synthetic_projector(name: str, where: str = "") -> Path:
-    """The synthetic projector ``name`` in the cache (``<cache>/synth/mmproj-<name>.gguf``),
-    written on first use (the 190 MB SmolVLM-256M shape takes a few seconds)."""
+def cached_synthetic_projector(name: str, where: str = "", *, projection_dim: int | None = None) -> Path:
+    """The synthetic projector ``name`` in the cache (``<cache>/synth/mmproj-synthetic-<name>-<width>-<tag>.gguf``),
+    written on first use (the 190 MB SmolVLM-256M shape takes a few seconds). ``projection_dim``:
+    the text model's width when it is not the shape's own (576)."""
     from pytest_llamabench.server.build import cache_root
 
     shape = get_projector_shape(name, where)
+    if projection_dim is not None:
+        shape = dataclasses.replace(shape, projection_dim=projection_dim)
     tag = hashlib.sha256(repr(shape).encode()).hexdigest()[:8]  # a changed shape is a new file
-    path = cache_root() / "synth" / f"mmproj-synthetic-{shape.name}-{tag}.gguf"
+    path = cache_root() / "synth" / f"mmproj-synthetic-{shape.name}-{shape.projection_dim}-{tag}.gguf"
     if not path.exists():
         write_synthetic_projector(shape, path)
     return path
