@@ -649,5 +649,5 @@ def _config(name: str, table: _Table, models: Mapping[str, ModelSpec]) -> Server
         thresholds=_thresholds(table.table("thresholds")),
         chat_template=table.get("chat_template", str, "gguf"),
         source=table.where,
-        search=search_spec(table.data, table.where, gpu=table.get("gpu", bool, False)),
+        search=search_spec(table.data, table.where, gpu=table.get("gpu", bool, False), memory_limit="memory_limit" in table.data),
     )

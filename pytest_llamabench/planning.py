@@ -43,7 +43,8 @@ class LaunchPlan:
         inputs = inputs_of(config, ctx)
         limit, source = budget_of(budget, gpu_memory)
         try:
-            return cls(config.name, model, inputs, plan(model, inputs, budget=limit, budget_source=source), gpu_index)
+            memory_plan = plan(model, inputs, budget=limit, budget_source=source, host_budget=config.memory_limit)
+            return cls(config.name, model, inputs, memory_plan, gpu_index)
         except (re.error, KeyError):  # a bad -ot regex or an unknown cache type: the launch says why
             return None
 

@@ -147,7 +147,7 @@ def _expected_points(expect_oom: object, ids: Mapping[str, Any], axes: Sequence[
     return out
 
 
-def search_spec(values: Mapping[str, Any], where: str, *, gpu: bool) -> SearchSpec | None:
+def search_spec(values: Mapping[str, Any], where: str, *, gpu: bool, memory_limit: bool = False) -> SearchSpec | None:
     """The validated ``search`` table of a config, or None."""
     table = values.get("search")
     if table is None:
@@ -175,6 +175,10 @@ def search_spec(values: Mapping[str, Any], where: str, *, gpu: bool) -> SearchSp
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
             raise ConfigError(f"{where}.search.{option}: must be an integer >= {minimum}, got {value!r}")
         ints[option] = value
+    if not gpu and not memory_limit:
+        raise ConfigError(f"{where}.search: a search without a GPU runs servers up to the memory limit, and on the bare "
+                          "host the kernel's OOM killer would pick any process; run it in a container with a limit: "
+                          "set image and memory_limit (e.g. memory_limit = \"1GiB\"), or gpu = true")  # fmt: skip
     if key in ("ctx", "ubatch") and (ints["min"] is None or ints["max"] is None):
         raise ConfigError(f"{where}.search: searching {key} needs min and max, e.g. min = 4096, max = 1048576")
     if ints["min"] is not None and ints["max"] is not None and ints["min"] >= ints["max"]:

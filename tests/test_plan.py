@@ -141,3 +141,18 @@ def test_roofline_reads_only_the_used_experts_and_moving_layers_to_the_gpu_raise
     assert r24.as_dict(r24.ceiling_tok_s / 2)["percent_of_ceiling"] == 50.0
     cpu_only = roofline(model, PlanInputs(), 0, gpu_bandwidth=None, host_bandwidth=60e9)
     assert cpu_only.gpu_bytes == 0 and cpu_only.ceiling_tok_s == pytest.approx(60e9 / cpu_only.host_bytes)
+
+
+def test_the_users_vram_column_sits_a_constant_offset_above_the_plan() -> None:
+    """The README's reading of the user's table: every measured config is 3.5-3.8 GB above the
+    plan (something else held that much of their card), the differences between configs match."""
+    user = {"C1": ("q8_0", 0, ("exps=CPU",), "q8_0", 8064), "C2a": ("q8_0", 32, (), "q8_0", 14647),
+            "C2b": ("q8_0", 36, (), "q8_0", 11387), "C3": ("q8_0", 0, ("exps=CPU",), "f16", 8681),
+            "C5": ("q4_k_m", 0, ("exps=CPU",), "q8_0", 7217), "C7": ("q4_k_m", 24, (), "q8_0", 14874)}  # fmt: skip
+    offsets = []
+    for quant, ncm, ot, cache, vram in user.values():
+        model = ModelTensors.from_synthetic("qwen35-35b-a3b", quant)
+        p = plan(model, PlanInputs(**{**USER, "n_cpu_moe": ncm, "overrides": ot, "cache_type_k": cache,  # type: ignore[arg-type]
+                                      "cache_type_v": cache}))  # fmt: skip
+        offsets.append(vram - p.gpu_total / MIB)
+    assert 3450 < min(offsets) and max(offsets) < 3850, offsets

@@ -23,7 +23,8 @@ HEAD = '[models.m]\npath = "m.gguf"\n[defaults]\nmodel = "m"\nctx = 512\n'
 
 def config(tmp_path: Path, search: str, gpu: bool = True) -> Any:
     path = tmp_path / "m.toml"
-    path.write_text(HEAD + f"[configs.S]\ngpu = {str(gpu).lower()}\nn_gpu_layers = 99\nsearch = {search}\n")
+    limit = "" if gpu else 'memory_limit = "1GiB"\n'
+    path.write_text(HEAD + f"[configs.S]\ngpu = {str(gpu).lower()}\n{limit}n_gpu_layers = 99\nsearch = {search}\n")
     return load_matrix([path]).configs["S"]
 
 

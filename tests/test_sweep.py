@@ -78,8 +78,9 @@ ubatch = 64
         ("search = { n_cpu_moe = 'fastest-that-fits' }", "searching n_cpu_moe needs gpu = true"),
         ("gpu = true\nsearch = { n_cpu_moe = 'fastest' }", "'fastest' is not a goal for n_cpu_moe; use 'fastest-that-fits'"),
         ("search = { threads = 'fastest-that-fits' }", "cannot search 'threads'; searchable keys"),
-        ("search = { ctx = 'largest-that-fits' }", "searching ctx needs min and max"),
-        ("search = { ctx = 'largest-that-fits', min = 10, max = 5 }", "min (10) must be below max (5)"),
+        ("search = { ctx = 'largest-that-fits' }", "the kernel's OOM killer would pick any process"),
+        ("memory_limit = '1GiB'\nsearch = { ctx = 'largest-that-fits' }", "searching ctx needs min and max"),
+        ("memory_limit = '1GiB'\nsearch = { ctx = 'largest-that-fits', min = 10, max = 5 }", "min (10) must be below max (5)"),
         ("search = { ctx = 'largest-that-fits', n_cpu_moe = 'fastest-that-fits' }", "name exactly one key"),
         ("sweep = { ctx = [1024] }\nsearch = { ctx = 'largest-that-fits', min = 1, max = 9 }", "a sweep or a search, not both"),
     ],
@@ -101,6 +102,7 @@ gpu = true
 n_gpu_layers = 99
 search = { n_cpu_moe = "fastest-that-fits", neighbours = 1 }
 [configs.H]
+memory_limit = "1GiB"
 search = { ctx = "largest-that-fits", min = 1024, max = 65536, step = 1024 }
 """)  # fmt: skip
     spec = matrix.configs["S"].search

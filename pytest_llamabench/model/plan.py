@@ -109,6 +109,7 @@ class MemoryPlan:
     budget_source: str = ""
     fit_decides: bool = False  # --fit on: llama.cpp chooses the split at load
     notes: tuple[str, ...] = ()
+    host_budget: int | None = None  # bytes the server may use on the host (a container's memory_limit)
 
     @property
     def gpu_total(self) -> int:
@@ -120,9 +121,11 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
-        """Whether the GPU part fits the budget; None when unknown (no GPU part, no budget, --fit)."""
+        """Whether the GPU part fits the budget and the host part the host budget; None when unknown."""
+        if self.host_budget is not None and self.host_total > self.host_budget:
+            return False
         if self.fit_decides or self.budget is None or not self.gpu_total:
-            return None
+            return None if self.host_budget is None else True
         return self.gpu_total <= self.budget
 
     def line(self, name: str) -> str:
@@ -130,7 +133,9 @@ class MemoryPlan:
         if self.fit_decides:
             return f"{name}: --fit on decides the split at load; host ≈ {_gb(self.host_total)} at most"
         if not self.gpu_total:
-            return f"{name}: needs ≈ {_gb(self.host_total)} of host memory (all on the CPU)"
+            limit = (f" of a {_gb(self.host_budget)} limit: {'fits' if self.fits else 'will not fit'}"
+                     if self.host_budget else "")  # fmt: skip
+            return f"{name}: needs ≈ {_gb(self.host_total)} of host memory (all on the CPU){limit}"
         if self.budget is None:
             return f"{name}: needs ≈ {_gb(self.gpu_total)} of VRAM and ≈ {_gb(self.host_total)} of host memory"
         verdict = "fits" if self.fits else "will not fit"
@@ -145,6 +150,7 @@ class MemoryPlan:
             "layers_on_gpu": self.layers_on_gpu, "expert_layers_on_gpu": self.expert_layers_on_gpu,
             "n_layer": self.n_layer, "budget_mib": round(self.budget / MIB) if self.budget else None,
             "budget_source": self.budget_source, "fits": self.fits, "fit_decides": self.fit_decides,
+            "host_budget_mib": round(self.host_budget / MIB) if self.host_budget else None,
             "notes": list(self.notes),
         }  # fmt: skip
 
@@ -184,7 +190,8 @@ def _ngl(inputs: PlanInputs, n_layer: int) -> int:
     return max(0, int(value))
 
 
-def plan(model: ModelTensors, inputs: PlanInputs, *, budget: int | None = None, budget_source: str = "") -> MemoryPlan:
+def plan(model: ModelTensors, inputs: PlanInputs, *, budget: int | None = None, budget_source: str = "",
+         host_budget: int | None = None) -> MemoryPlan:  # fmt: skip
     """The memory plan of ``model`` launched with ``inputs`` (see the module docstring)."""
     on_gpu = placement(model, inputs)
     tensors = model.by_name()
@@ -216,7 +223,7 @@ def plan(model: ModelTensors, inputs: PlanInputs, *, budget: int | None = None, 
         notes.append(f"flash attention off: the KQ matrix ({_gb(_kq_bytes(model, inputs, n_ctx))}) is in the compute buffer")
     return MemoryPlan(gpu, host, sum(layer_gpu.values()), experts_gpu, model.n_layer, budget if any_gpu else None,
                       budget_source, fit_decides=inputs.gpu and (inputs.fit == "on" or inputs.n_gpu_layers == "auto"),
-                      notes=tuple(notes))  # fmt: skip
+                      notes=tuple(notes), host_budget=host_budget)  # fmt: skip
 
 
 def _layer_on_gpu(model: ModelTensors, on_gpu: Mapping[str, bool], il: int) -> bool:

@@ -39,6 +39,10 @@ class Row:
     busy: bool = False
     starts: int = 1
     gen_samples: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    #: why it may not win although it passed (its model was judged NOT RECOMMENDED: outputs.quality_table)
+    excluded: str | None = None
+    #: the memory plan's prediction (model/plan.py): "13607 / 9145" VRAM / RSS in MiB, "(no fit)" if predicted so
+    planned: str | None = None
 
     @property
     def all_passed(self) -> bool:
@@ -102,7 +106,10 @@ def build_table(
             row.vram_by_device[device] = max(row.vram_by_device.get(device, 0.0), float(mib))
         if result.outcome != "passed" and row.problem is None:
             row.problem = _problem(result)
-    ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s and not r.busy]
+        row.planned = row.planned or _planned(result)
+    for row in rows.values():
+        row.excluded = (exclude or {}).get(row.config)
+    ranked = [r for r in rows.values() if r.all_passed and r.gen_tok_s and not r.busy and not r.excluded]
     # equal speed: the config with less VRAM, then less RSS, goes first
     ranked.sort(key=lambda r: (-(r.vram_mib or 0), -(r.rss_mib or 0)), reverse=True)
     verdict = decide([Candidate(r.config, r.gen_samples, r.starts) for r in ranked], partial=partial)
@@ -132,6 +139,14 @@ def _vram_cell(row: Row) -> str:
     """The summed peak; with several GPUs also each GPU's own peak: ``13412 (6710 + 6702)``."""
     if not row.vram_mib:
         return "—"
+def _planned(result: ResultEntry) -> str | None:
+    plan = (result.extra.get("memory") or {}).get("plan") if isinstance(result.extra.get("memory"), dict) else None
+    if not isinstance(plan, dict):
+        return None
+    gpu = f"{plan['gpu_total_mib']}" if plan.get("gpu_total_mib") else "—"
+    return f"{gpu} / {plan.get('host_total_mib', '—')}" + (" (no fit)" if plan.get("fits") is False else "")
+
+
     per_gpu = [v for v in row.vram_by_device.values() if v]
     return f"{row.vram_mib:.0f} ({' + '.join(f'{v:.0f}' for v in per_gpu)})" if len(per_gpu) > 1 else f"{row.vram_mib:.0f}"
 
@@ -143,11 +158,15 @@ def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, ver
     for row in rows:
         cells = [f"**{row.config}**" if (markdown and row.winner) else row.config]
         cells += [f"{row.gen_tok_s[w]:.1f}" if w in row.gen_tok_s else "—" for w in workloads]
+    planned = any(row.planned for row in rows)  # the memory plan beside the measurement (model/plan.py)
+    if planned:
+        headers.insert(-1, "Plan VRAM / RSS (MiB)")
         cells += [f"{row.rss_mib:.0f}" if row.rss_mib else "—", _vram_cell(row)]
         cells.append(f"**{row.status}**" if (markdown and row.winner) else row.status)
         body.append(cells)
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        cells += [row.planned or "—"] if planned else []
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         tail = f"\n\n**{verdict.line()}**" if verdict else ""
         return "\n".join(lines) + f"{tail}\n\nGeneration tok/s (median). {WINNER_RULE}.\n"
