@@ -5,6 +5,8 @@ which-server   print the llama-server that a run would use, and why
 compare        compare two JSON reports (regression gate for CI)
 synth-model    write a GGUF with a real model's shapes and random weights
 docker-image   build the local llama-server image used by container configs
+html           write the HTML report (inline SVG charts) of a JSON report
+winner         print the winner as a production config: command line, docker run, compose, TOML
 merge          merge the reports of several hosts (--llamabench-shard) into one
 """
 
@@ -19,6 +21,7 @@ from pytest_llamabench.gate.cli import register as _register_compare
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.server.image import register as _register_docker_image
 from pytest_llamabench.model.synth import register as _register_synth_model
+from pytest_llamabench.outputs.cli import register as _register_outputs
 from pytest_llamabench.shards.cli import register as _register_merge
 
 Command = Callable[[argparse.Namespace], int]
@@ -88,6 +91,7 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type:
     _register_compare,
     _register_synth_model,
     _register_docker_image,
+    _register_outputs,
     _register_merge,
 ]
 

@@ -51,6 +51,15 @@ def redacted(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: Environment variable names whose values reports show as ``***``.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def redacted_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A config's environment for reports: values of secret-looking names become ``***``."""
+    return {k: ("***" if _SECRET_NAME.search(k) else str(v)) for k, v in env.items()}
+
+
 def api_key_of(config: ServerConfig) -> str | None:
     """A key the config gives its server (``args = ["--api-key", …]`` or ``env.LLAMA_API_KEY``), so
     the client sends it too."""
@@ -200,6 +209,10 @@ class Server(abc.ABC):
         }
         if self.devices is not None:
             info["devices"] = [d.uuid for d in self.devices]
+        if self.config.gpu:
+            info["gpu"] = True
+        if self.config.env:  # what a production copy of this server needs too; secrets as ***
+            info["env"] = redacted_env(self.config.env)
         return info
 
     @abc.abstractmethod
