@@ -2,6 +2,8 @@
 
 build-server   build the pinned llama.cpp (cpu or cuda) into the user cache
 which-server   print the llama-server that a run would use, and why
+trim-sdist     write the small, still pinned copy of the llama.cpp sdist (for offline machines)
+vocab          print the path of a llama.cpp tokenizer GGUF (ggml-vocab-NAME.gguf)
 compare        compare two JSON reports (regression gate for CI)
 synth-model    write a GGUF with a real model's shapes and random weights
 docker-image   build the local llama-server image used by container configs
@@ -39,15 +41,39 @@ def _build_server(args: argparse.Namespace) -> int:
 def _which_server(args: argparse.Namespace) -> int:
     import os
 
-    from pytest_llamabench.server.build import BuildSpec, resolve_server_bin, server_version
+    from pytest_llamabench.server.build import BuildSpec, build_info, resolve_server_bin, server_version
 
+    prefer_cuda = False
+    if args.backend is None:  # as a session with GPU configs does: CUDA build if a GPU is usable
+        from pytest_llamabench.hardware.gpu import probe_gpu
+
+        prefer_cuda = probe_gpu().available
     path, where = resolve_server_bin(
         [(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")],
-        spec=BuildSpec(backend=args.backend),
+        spec=BuildSpec(backend=args.backend or "cpu"),
         build_if_missing=False,
         log=_log,
+        prefer_cuda=prefer_cuda,
     )
     print(f"{path}  (from {where})\n{server_version(path)}")
+    source = (build_info(path) or {}).get("source")
+    if isinstance(source, dict):
+        print(f"source: {source.get('description')}")
+    return 0
+
+
+def _trim_sdist(args: argparse.Namespace) -> int:
+    from pytest_llamabench.server.source import write_trimmed
+
+    write_trimmed(args.sdist, args.output, log=_log)
+    print(args.output)
+    return 0
+
+
+def _vocab(args: argparse.Namespace) -> int:
+    from pytest_llamabench.server.build import vocab_file
+
+    print(vocab_file(args.name, sdist=args.sdist, log=_log))
     return 0
 
 
@@ -63,14 +89,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("build-server", help="build the pinned llama.cpp into the user cache")
     p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 (default: the GPU's)")
-    p.add_argument("--sdist", type=Path, help="a llama-cpp-python sdist already downloaded (offline builds)")
+    p.add_argument("--sdist", type=Path, help="the llama-cpp-python 0.3.36 sdist or its trim-sdist copy, "
+                   "verified against the pinned hashes (offline builds)")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.set_defaults(func=_build_server)
 
     p = sub.add_parser("which-server", help="print the llama-server a run would use")
-    p.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
+                   help="default: a CUDA build when an NVIDIA GPU is usable (as for GPU configs), else cpu")
     p.set_defaults(func=_which_server)
+
+    p = sub.add_parser("trim-sdist", help="write the trimmed, still pinned llama.cpp source tarball")
+    p.add_argument("sdist", type=Path, help="llama_cpp_python-0.3.36.tar.gz as downloaded from PyPI")
+    p.add_argument("-o", "--output", type=Path, default=Path("llama-cpp-python-0.3.36-trimmed.tar.gz"))
+    p.set_defaults(func=_trim_sdist)
+
+    p = sub.add_parser("vocab", help="print the path of llama.cpp's ggml-vocab-NAME.gguf (e.g. qwen2)")
+    p.add_argument("name", help="qwen2 or qwen35 (the tokenizers the trimmed source keeps)")
+    p.add_argument("--sdist", type=Path, help="the sdist or its trimmed copy (default: kept by a build, else download)")
+    p.set_defaults(func=_vocab)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

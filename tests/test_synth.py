@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 
 from pytest_llamabench.model import synth
 from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.model.digest import stat_key
 from pytest_llamabench.model.files import verify_model
 
 TINY = [(shape, quant) for shape in ("tiny-qwen3moe", "tiny-qwen35moe") for quant in synth.RECIPES]
@@ -90,8 +91,7 @@ def test_tiny_model_verifies_with_sha256_cached_at_write(
     path = tiny_models[shape, quant]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     cache = json.loads((cache_dir / "sha256-cache.json").read_text())
-    stat = path.stat()
-    assert cache[f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"] == digest
+    assert cache[str(path.resolve())] == {"stat": list(stat_key(path)), "sha256": digest}
     info = verify_model(path)
     model = synth.SHAPES[shape]
     assert info.sha256 == digest
@@ -205,11 +205,8 @@ def test_cli_lists_shapes_and_writes_default_name(
     assert args.func(args) == 0
     expected = tmp_path / synth.default_file_name(synth.SHAPES["tiny-qwen3moe"], "q8_0")
     assert capsys.readouterr().out.strip() == str(expected)
-    stat = expected.stat()
     cache = json.loads((cache_dir / "sha256-cache.json").read_text())
-    assert cache[f"{expected.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"] == hashlib.sha256(
-        expected.read_bytes()
-    ).hexdigest()
+    assert cache[str(expected.resolve())]["sha256"] == hashlib.sha256(expected.read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- real llama-server

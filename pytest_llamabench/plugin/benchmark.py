@@ -90,7 +90,8 @@ class BenchmarkHooks:
             settings = bench.settings
             try:
                 resolve_server_bin(settings.server_bin_candidates, spec=settings.build_spec,
-                                   build_if_missing=False, log=bench.log)  # fmt: skip
+                                   build_if_missing=False, log=bench.log,
+                                   prefer_cuda=settings.prefer_cuda)  # fmt: skip
                 bench.binary()
             except LlamabenchError:
                 return {}

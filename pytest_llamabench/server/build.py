@@ -6,26 +6,39 @@ Resolution order (the first that is set wins; documented in the README):
 2. ``LLAMABENCH_SERVER_BIN`` (environment)
 3. ``llamabench_server_bin`` (ini / pyproject)
 4. ``llama-server`` on ``PATH``
-5. the cached build for this backend, built on demand (≈9 min on 2 cores)
+5. a cached build: for a session with GPU configs on a machine with a usable NVIDIA GPU a
+   CUDA build (any ``--cuda-arch``) first, else the build for ``--llamabench-backend``
+   (default cpu), built on demand (≈9 min on 2 cores)
+
+The source is the pinned sdist (source.py verifies it); the build passes the pinned commit
+to CMake, so ``--version`` and ``/props`` name it whatever tree it was built from, and
+``bin/build-info.json`` records which tarball (pinned sdist or its trimmed copy) it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pytest_llamabench.errors import BuildError, ConfigError
+from pytest_llamabench.server.source import (
+    LLAMA_CPP_BUILD_NUMBER,
+    LLAMA_CPP_COMMIT,
+    SOURCE_PACKAGE,
+    SOURCE_VERSION,
+    SourceCheck,
+    extract_kept,
+    verify_sdist,
+)
 
-#: The pinned source: llama-cpp-python's sdist vendors llama.cpp (commit 0c1e570).
-SOURCE_PACKAGE = "llama-cpp-python"
-SOURCE_VERSION = "0.3.36"
 TARGETS = ("llama-server", "llama-bench", "llama-perplexity", "llama-quantize")
 BACKENDS = ("cpu", "cuda")
 
@@ -45,6 +58,9 @@ _COMMON_FLAGS = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # would download the web UI
     "-DLLAMA_OPENSSL=OFF",
+    # the pinned commit, not what git finds (a trimmed tree has no .git: "commit unknown")
+    f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",
+    f"-DLLAMA_BUILD_NUMBER={LLAMA_CPP_BUILD_NUMBER}",
 )
 
 
@@ -82,12 +98,42 @@ def cached_binary(spec: BuildSpec, name: str = "llama-server") -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
+def cached_cuda_builds() -> list[BuildSpec]:
+    """Cached CUDA builds of the pinned source (``…-cuda-avx2``, ``…-cuda-sm90-avx2``, …), newest first."""
+    prefix = f"{SOURCE_PACKAGE}-{SOURCE_VERSION}-cuda"
+    found = []
+    for bin_dir in (cache_root() / "llama.cpp").glob(f"{prefix}*-avx2/bin"):
+        arch = bin_dir.parent.name.removeprefix(prefix).removesuffix("-avx2").removeprefix("-sm") or None
+        spec = BuildSpec("cuda", arch)
+        if spec.key == bin_dir.parent.name and (path := cached_binary(spec)):
+            found.append((path.stat().st_mtime, spec))
+    return [spec for _, spec in sorted(found, key=lambda f: -f[0])]
+
+
+def cached_server(spec: BuildSpec, *, prefer_cuda: bool = False) -> tuple[Path, BuildSpec] | None:
+    """The cached llama-server to use: a CUDA build first when ``prefer_cuda`` (or the spec asks for
+    CUDA without an architecture: whichever was built), else exactly ``spec``'s."""
+    if prefer_cuda or (spec.backend == "cuda" and not spec.cuda_architectures):
+        for cuda in cached_cuda_builds():
+            if (path := cached_binary(cuda)) is not None:
+                return path, cuda
+    path = cached_binary(spec)
+    return (path, spec) if path is not None else None
+
+
 def resolve_server_bin(
-    candidates: Sequence[tuple[str | None, str]], *, spec: BuildSpec, build_if_missing: bool, log: Callable[[str], None]
+    candidates: Sequence[tuple[str | None, str]],
+    *,
+    spec: BuildSpec,
+    build_if_missing: bool,
+    log: Callable[[str], None],
+    prefer_cuda: bool = False,
 ) -> tuple[Path, str]:
     """The llama-server to use, and where it came from.
 
     ``candidates`` are (value, where) pairs in precedence order (option, env, ini).
+    ``prefer_cuda``: the session has GPU configs and a usable GPU, so a cached CUDA build wins
+    over the CPU one (an explicit path, env var, ini value or PATH still win over both).
     """
     for value, where in candidates:
         if value:
@@ -97,8 +143,8 @@ def resolve_server_bin(
             return path.resolve(), where
     if found := shutil.which("llama-server"):
         return Path(found), "PATH"
-    if cached := cached_binary(spec):
-        return cached, f"cache ({spec.key})"
+    if cached := cached_server(spec, prefer_cuda=prefer_cuda):
+        return cached[0], f"cache ({cached[1].key})"
     if not build_if_missing:
         raise ConfigError(
             "no llama-server found: pass --llamabench-server-bin, set LLAMABENCH_SERVER_BIN, put "
@@ -124,12 +170,28 @@ def build(
     if not force and all(cached_binary(spec, t) for t in TARGETS):
         log(f"llama.cpp {spec.key}: already built in {spec.bin_dir}")
         return spec.bin_dir
+    lock_path = cache_root() / "llama.cpp" / f"{spec.key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:  # one build per key: a second one would delete the first's work dir
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"llama.cpp {spec.key}: another process is building it; waiting for that build")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if all(cached_binary(spec, t) for t in TARGETS):
+                return spec.bin_dir
+        return _build_locked(spec, sdist, jobs, log)
+
+
+def _build_locked(spec: BuildSpec, sdist: Path | None, jobs: int | None, log: Callable[[str], None]) -> Path:
     cmake, ninja = _tool("cmake"), _tool("ninja")
     work = cache_root() / "llama.cpp" / f"{spec.key}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        source = _unpack(sdist or _download_sdist(work, log), work)
+        check = verify_sdist(sdist) if sdist else verify_sdist(_download_sdist(work, log), where="pip download")
+        log(f"llama.cpp source: {check.description}")
+        source = extract_kept(check, work / "src")
         build_dir = work / "build"
         log(f"llama.cpp {spec.key}: configuring ({' '.join(spec.cmake_flags())})")
         _run([cmake, "-S", str(source), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
@@ -144,6 +206,8 @@ def build(
         staging.mkdir(parents=True)
         for target in TARGETS:
             shutil.copy2(build_dir / "bin" / target, staging / target)
+        _write_build_info(staging, spec, check)
+        keep_vocabs(source)
         shutil.rmtree(spec.bin_dir, ignore_errors=True)
         staging.rename(spec.bin_dir)  # appears whole or not at all
         log(f"llama.cpp {spec.key}: built in {time.monotonic() - started:.0f} s -> {spec.bin_dir}")
@@ -177,14 +241,59 @@ def _download_sdist(work: Path, log: Callable[[str], None]) -> Path:
     return archives[0]
 
 
-def _unpack(sdist: Path, work: Path) -> Path:
-    src = work / "src"
-    with tarfile.open(sdist) as tar:
-        tar.extractall(src, filter="data")
-    found = list(src.glob("*/vendor/llama.cpp/CMakeLists.txt")) or list(src.glob("*/CMakeLists.txt"))
-    if not found:
-        raise BuildError(f"{sdist}: no llama.cpp CMakeLists.txt inside; is this the right sdist?")
-    return found[0].parent
+def _write_build_info(bin_dir: Path, spec: BuildSpec, check: SourceCheck) -> None:
+    info = {"key": spec.key, "commit": LLAMA_CPP_COMMIT, "build_number": LLAMA_CPP_BUILD_NUMBER,
+            "source": check.as_dict(), "cmake_flags": spec.cmake_flags()}  # fmt: skip
+    (bin_dir / "build-info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def vocab_dir() -> Path:
+    """Where builds keep llama.cpp's tokenizer-only GGUFs (``models/ggml-vocab-*.gguf``)."""
+    return cache_root() / "llama.cpp" / f"{SOURCE_PACKAGE}-{SOURCE_VERSION}-vocab"
+
+
+def keep_vocabs(source: Path) -> list[Path]:
+    """Copy the source's ``models/ggml-vocab-*.gguf`` into ``vocab_dir()`` (e.g. for synth-model --vocab)."""
+    dest = vocab_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for vocab in sorted((source / "models").glob("ggml-vocab-*.gguf")):
+        tmp = dest / f"{vocab.name}.{os.getpid()}.part"
+        shutil.copyfile(vocab, tmp)
+        tmp.replace(dest / vocab.name)
+        kept.append(dest / vocab.name)
+    return kept
+
+
+def vocab_file(name: str, *, sdist: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """``ggml-vocab-NAME.gguf``: kept by an earlier build, else taken from the (verified) sdist."""
+    from pytest_llamabench.server.source import KEPT_VOCABS
+
+    filename = name if name.endswith(".gguf") else f"ggml-vocab-{name}.gguf"
+    if (kept := vocab_dir() / filename).is_file() and sdist is None:
+        return kept
+    work = cache_root() / "llama.cpp" / "vocab.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        check = verify_sdist(sdist) if sdist else verify_sdist(_download_sdist(work, log), where="pip download")
+        keep_vocabs(extract_kept(check, work / "src"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not kept.is_file():
+        known = ", ".join(sorted(v.name for v in vocab_dir().glob("ggml-vocab-*.gguf")))
+        raise ConfigError(f"vocab: no {filename} in the pinned source (kept: {known or ', '.join(KEPT_VOCABS)}); "
+                          "name one of those")  # fmt: skip
+    return kept
+
+
+def build_info(binary: Path) -> dict[str, object] | None:
+    """The ``build-info.json`` a build wrote next to ``binary``, if any."""
+    try:
+        info = json.loads((binary.parent / "build-info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _run(cmd: list[str], log_path: Path, progress: Callable[[str], None] | None = None) -> None:
