@@ -104,6 +104,10 @@ class RunState:
         )
         if workerinput and "llamabench_run_id" in workerinput:
             settings.run_id = workerinput["llamabench_run_id"]
+        if workerinput and "llamabench_controller" in workerinput:
+            from pytest_llamabench.server.watchdog import watch_controller_too
+
+            watch_controller_too(workerinput["llamabench_controller"])
         gate = None
         tolerances = options.value(config, "tolerance")[0] or []  # parsed (and checked) with or without a baseline
         baseline, _ = options.path_value(config, "baseline")

@@ -8,6 +8,7 @@ import pytest
 
 from pytest_llamabench.plugin import workers
 from pytest_llamabench.plugin.run import RunState
+from pytest_llamabench.server import watchdog
 
 
 class XdistHooks:
@@ -16,6 +17,8 @@ class XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["llamabench_run_id"] = self.state.bench.settings.run_id
+        node.workerinput["llamabench_controller"] = watchdog.controller_token()  # a killed controller's
+        # workers lose their servers within seconds too (server/watchdog.py)
 
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
         """With a matrix and ``--dist load`` (xdist's default for -n) or ``loadgroup``: one config

@@ -31,6 +31,7 @@ from pytest_llamabench.config import HostMemoryContext, ServerConfig
 from pytest_llamabench.errors import LlamabenchError, ServerDied, ServerNotReady, ServerStartError
 from pytest_llamabench.hardware.device import VISIBLE_DEVICES, Device, visible_devices_env
 from pytest_llamabench.model.files import ModelInfo, ctx_for_host_memory, verify_model
+from pytest_llamabench.server import watchdog
 from pytest_llamabench.model.projector import ProjectorInfo, vision_projector
 from pytest_llamabench.server.arch import check_architecture
 
@@ -323,6 +324,7 @@ class LocalServer(Server):
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
+        watchdog.track_process(self._proc.pid)  # a SIGKILLed pytest's server goes too (watchdog.py)
 
     def _discover_url(self) -> str | None:
         if self.base_url is None:
@@ -356,6 +358,7 @@ class LocalServer(Server):
                 os.killpg(proc.pid, signal.SIGKILL)
         self._last_returncode = proc.returncode
         self._last_pid = proc.pid
+        watchdog.untrack_process(proc.pid)
 
     @property
     def pid(self) -> int | None:
