@@ -87,8 +87,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("llama_server", params, indirect=True, scope="session")
         if "llama_workload" in metafunc.fixturenames:
             metafunc.parametrize("llama_workload", [pytest.param(w, id=w.name) for w in state.selected_workloads()])
-        if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
-            parametrize_searches(metafunc, state.search_configs())
     except LlamabenchError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -107,6 +105,8 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(raises=ServerOutOfMemory, strict=True, reason=f"expected OOM ({reason})")
 
 
+        if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
+            parametrize_searches(metafunc, state.search_configs())
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_inapplicable(config, items)
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
