@@ -42,7 +42,7 @@ def test_the_page_has_every_chart_inline_and_nothing_from_outside() -> None:
 
 def test_the_page_holds_the_table_the_winner_and_failures() -> None:
     page = html.render(RunReport.load(GPU_REPORT))
-    assert '<tr class="winner"><td title="Q4_K_M, --n-cpu-moe 24 (24 on GPU)">C7</td><td>72.3</td>' in page
+    assert '<tr class="winner"><td title="Q4_K_M, --n-cpu-moe 24 (24 on GPU)">C7</td><td class="n">72.3</td>' in page
     assert "Production config: C7" in page and "--n-cpu-moe 24" in page
     assert "expected OOM (gpu 20866 MiB, model)" in page
     assert "VRAM 13412 MiB of 16384 MiB budget (82%)" in page
@@ -83,9 +83,9 @@ def test_sections_and_metrics_added_later_are_drawn() -> None:
     data["search"] = {"C7": {"goal": "fastest-that-fits", "found": 24}}
     data["results"][0]["metrics"]["kv_hit_pct"] = {"median": 42.0, "samples": [42.0]}
     page = html.render(RunReport.from_dict(data, source="report.json"))
-    assert "<h2>Concurrency</h2>" in page and "<td>123.4</td>" in page
+    assert "<h2>Concurrency</h2>" in page and '<td class="n">123.4</td>' in page
     assert "<h2>Search</h2>" in page and "fastest-that-fits" in page
-    assert "<th>kv_hit_pct</th>" in page and "<td>42.0</td>" in page
+    assert "<th>kv_hit_pct</th>" in page and '<td class="n">42.0</td>' in page
 
 
 def test_the_quality_section_and_the_gate_rows_with_intervals() -> None:
@@ -138,6 +138,25 @@ def test_cli_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["html", str(GPU_REPORT), "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert out.read_text().count("<svg") == 5
+    assert main(["html", str(GPU_REPORT), "-o", str(out), "--charts", str(tmp_path / "charts")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / "charts" / "tok_s.png")
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir())[:2] == ["itl.png", "itl.svg"]
     (tmp_path / "bad.json").write_text("{}")
     assert main(["html", str(tmp_path / "bad.json")]) == 2
     assert "not a pytest-llamabench report" in capsys.readouterr().err
+
+
+def test_concurrent_load_curves_are_drawn() -> None:
+    from pytest_llamabench import metrics
+
+    agg, e2e = getattr(metrics, "AGG_TOK_S", None), getattr(metrics, "E2E_P99_MS", None)
+    if agg is None or e2e is None:
+        pytest.skip("this version has no concurrent-load metrics")
+    data = copy.deepcopy(_data(CPU_REPORT))
+    data["load"] = [{"config": "base", "workload": "load", "knees": [{"series": "closed loop", "level": "c4", "why": ""}],
+                     "points": [{"level": f"c{n}", "closed_loop": True, "medians": {agg.name: 50.0 * n ** 0.5,
+                                                                                  e2e.name: 900.0 * n}}
+                                for n in (1, 2, 4, 8)]}]  # fmt: skip
+    page = html.render(RunReport.from_dict(data))
+    assert 'id="chart-load"' in page and "base/load (streams)" in page
+    assert "<h2>Concurrent load</h2>" in page and "knee (closed loop)" in page

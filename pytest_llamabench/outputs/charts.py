@@ -18,6 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from pytest_llamabench import metrics
 from pytest_llamabench.metrics import GEN_TOK_S, ITL_P50_MS, ITL_P90_MS, ITL_P99_MS, RSS_PEAK_MIB, TTFT_MS, VRAM_PEAK_MIB
 from pytest_llamabench.outputs.kinds import speed_results
 from pytest_llamabench.results import ResultEntry, RunReport
@@ -172,6 +173,12 @@ def memory_chart(report: RunReport) -> Chart | None:
                    label=f"{name} that failed to allocate (OOM)")  # fmt: skip
     if isinstance(budget, (int, float)) and budget > 0 and ("VRAM" in names):
         ax.axhline(budget, color="#B00020", linestyle="--", linewidth=1, label=f"VRAM budget {budget:.0f} MiB")
+    host = (report.fingerprint.get("host") or {}).get("memory_mib")
+    if isinstance(host, (int, float)) and host > 0 and any(device == "RSS" for device, _ in ooms.values()):
+        ax.axhline(host, color="#555555", linestyle=":", linewidth=1, label=f"host memory {host:.0f} MiB")
+    heights = [v for series_peaks in peaks.values() for v in series_peaks.values()] + [v for _, v in ooms.values()]
+    if heights and max(heights) / max(min(heights), 1.0) > 50:  # an OOM far beyond the rest: keep both readable
+        ax.set_yscale("log")
     ax.set_xticks(range(len(configs)), configs, rotation=30 if len(configs) > 6 else 0, ha="right" if len(configs) > 6 else "center")
     ax.set_ylabel("MiB")
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(0, 1.2), ncols=2)
@@ -320,8 +327,43 @@ def sweep_chart(report: RunReport) -> Chart | None:
                  "setting; dotted lines: points that failed.", fig)  # fmt: skip
 
 
+def load_chart(report: RunReport) -> Chart | None:
+    """Concurrent load (the report's ``load`` curves): aggregate output tok/s against p99 end-to-end
+    time, one line per config × workload and series (closed loop: streams; open loop: requests/s)."""
+    agg, e2e = getattr(metrics, "AGG_TOK_S", None), getattr(metrics, "E2E_P99_MS", None)
+    curves = report.extra.get("load")
+    if agg is None or e2e is None or not isinstance(curves, list):
+        return None
+    series: list[tuple[str, list[tuple[float, float, str]]]] = []
+    for curve in curves:
+        points = curve.get("points") if isinstance(curve, Mapping) else None
+        if not isinstance(points, list):
+            continue
+        for closed in (True, False):
+            line = [(float(m[agg.name]), float(m[e2e.name]), str(p.get("level", ""))) for p in points
+                    if isinstance(p, Mapping) and p.get("closed_loop") is closed and isinstance(m := p.get("medians"), Mapping)
+                    and isinstance(m.get(agg.name), (int, float)) and isinstance(m.get(e2e.name), (int, float))]  # fmt: skip
+            if line:
+                series.append((f"{curve.get('config')}/{curve.get('workload')} ({'streams' if closed else 'req/s'})", line))
+    if not series:
+        return None
+    fig = _figure(7.0, 3.8)
+    ax = fig.add_subplot()
+    for k, (label, line) in enumerate(series):
+        ax.plot([x for x, _, _ in line], [y for _, y, _ in line], marker="o", color=PALETTE[k % len(PALETTE)], label=label)
+        for x, y, level in line:
+            ax.annotate(level, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"{agg.label} ({agg.unit})")
+    ax.set_ylabel(f"{e2e.label} ({e2e.unit})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return Chart("load", "Throughput against latency",
+                 "Each point is a load level (its label); medians over repetitions.", fig)  # fmt: skip
+
+
 #: Every chart, in page order.
-CHARTS: tuple[Callable[[RunReport], Chart | None], ...] = (tok_s_chart, memory_chart, ttft_chart, itl_chart, sweep_chart)
+CHARTS: tuple[Callable[[RunReport], Chart | None], ...] = (tok_s_chart, memory_chart, ttft_chart, itl_chart, sweep_chart,
+                                                           load_chart)  # fmt: skip
 
 
 def charts(report: RunReport) -> list[Chart]:

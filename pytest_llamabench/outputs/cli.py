@@ -16,7 +16,14 @@ def _html(args: argparse.Namespace) -> int:
 
     report = RunReport.load(args.report)
     out = args.output or Path(args.report).with_suffix(".html")
-    print(html.write(report, out))
+    made = None
+    if args.charts is not None:
+        from pytest_llamabench.outputs.charts import write_charts
+
+        made = {chart.name: chart for chart in write_charts(report, args.charts)}
+        for name in made:
+            print(args.charts / f"{name}.png")
+    print(html.write(report, out, charts=made))
     return 0
 
 
@@ -33,6 +40,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("html", help="write the HTML report (charts inline, self-contained) of a JSON report")
     p.add_argument("report", type=Path, help="a JSON report written by pytest-llamabench")
     p.add_argument("-o", "--output", type=Path, help="the page to write (default: the report's path with .html)")
+    p.add_argument("--charts", type=Path, metavar="DIR", help="also write each chart as PNG and SVG into DIR")
     p.set_defaults(func=_html)
 
     p = sub.add_parser("winner", help="print the winning config as a production command line, with its rationale")

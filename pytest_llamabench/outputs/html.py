@@ -25,14 +25,14 @@ from pytest_llamabench.outputs.table import WINNER_RULE, Row, build_table
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
 
 #: Top-level report keys that are drawn by a section of their own (or are plumbing).
-_CLAIMED = {"winner", "gate", "quality"}
+_CLAIMED = {"winner", "gate", "quality", "load"}
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;color:#1b1b1b}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}
-th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+td.n{text-align:right}th{background:#f4f4f4}
 tr.winner td{background:#e8f5e9;font-weight:600}tr.fail td{color:#8a1c1c}
 pre{background:#f6f8fa;border:1px solid #e1e4e8;padding:.7em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 figure{margin:1em 0}figure svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
@@ -168,6 +168,17 @@ def _sweeps(report: RunReport, page: Page) -> str | None:
     return f"<h2>Sweeps</h2>{figure}" if figure else None
 
 
+def _load(report: RunReport, page: Page) -> str | None:
+    figure = page.figure("load")
+    curves = report.extra.get("load")
+    if not figure and not curves:
+        return None
+    knees = [{"config": c.get("config"), "workload": c.get("workload"),
+              **{f"knee ({k.get('series')})": k.get("level") or k.get("why") for k in c.get("knees") or [] if isinstance(k, Mapping)}}
+             for c in curves or [] if isinstance(c, Mapping)]  # fmt: skip
+    return f"<h2>Concurrent load</h2>{figure}{_value(knees) if knees else ''}"
+
+
 def _gate(report: RunReport, page: Page) -> str | None:
     gate = report.gate
     if not gate:
@@ -217,7 +228,7 @@ def _charts_note(report: RunReport, page: Page) -> str | None:
 
 #: The page, top to bottom.
 SECTIONS: tuple[Section, ...] = (_header, _charts_note, _winner, _results, _memory, _latency, _quality, _sweeps,
-                                 _gate, _failures, _metrics, _others)  # fmt: skip
+                                 _load, _gate, _failures, _metrics, _others)  # fmt: skip
 
 
 def render(report: RunReport, charts: Mapping[str, Any] | None = None, chart_error: str | None = None) -> str:
@@ -266,9 +277,18 @@ def _table(head: Sequence[str], body: Sequence[tuple[str, Sequence[object]]], ti
     for css, cells in body:
         tip = (title or {}).get(str(cells[0]), "") if cells else ""
         first = (f'<td title="{_e(tip)}">{_e(cells[0])}</td>' if tip else f"<td>{_e(cells[0])}</td>") if cells else ""
-        rest = "".join(f"<td>{_e(c)}</td>" for c in cells[1:])
+        rest = "".join(f'<td class="n">{_e(c)}</td>' if _numeric(c) else f"<td>{_e(c)}</td>" for c in cells[1:])
         rows.append(f'<tr class="{css}">{first}{rest}</tr>' if css else f"<tr>{first}{rest}</tr>")
     return f"<table><thead><tr>{''.join(f'<th>{_e(h)}</th>' for h in head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _numeric(cell: object) -> bool:
+    text = str(cell).rstrip("%")
+    try:
+        float(text)
+    except ValueError:
+        return text == "—"
+    return True
 
 
 def _dl(facts: Mapping[str, Any]) -> str:
