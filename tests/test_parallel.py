@@ -49,6 +49,7 @@ def test_two_workers_two_configs_with_pytest_benchmark_and_warnings_as_errors(
     result = pytester.runpytest_subprocess(*bench_args(no_threads(write_matrix, TWO_CONFIGS)), "-n", "2")
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
     result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["llamabench: 2 xdist workers, one config at a time each: gw0: cores * physical); gw1: cores *"])
     data = json.loads((tmp_path / "report.json").read_text())
     entries: list[dict[str, Any]] = data["results"]
     assert {(e["config"], e["workload"]) for e in entries} == {(c, w) for c in "ab" for w in ("short", "chat")}

@@ -70,7 +70,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     state = session.config.stash[STATE]
     if state.is_controller:
         notice = benchmark.under_xdist_notice(session.config)
-        for message in [*([notice] if notice else []), *state.start()]:
+        shares = workers.describe_workers(session.config, state.selected_configs()) if state.matrix else None
+        for message in [*([notice] if notice else []), *([shares] if shares else []), *state.start()]:
             session.config.get_terminal_writer().line(f"llamabench: {message}")
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 

@@ -21,6 +21,7 @@ from pytest_llamabench.hardware.placement import (
     Placement,
     auto_workers,
     check_workers,
+    cpu_list,
     physical_cores,
     worker_placement,
 )
@@ -87,6 +88,20 @@ def check_controller(config: pytest.Config, configs: Sequence[ServerConfig]) -> 
     check_workers(workers, cpus=cores, devices=discover(configs), gpus_needed=gpus_needed(configs))
 
 
+def describe_workers(config: pytest.Config, configs: Sequence[ServerConfig]) -> str | None:
+    """Controller: one line saying what each xdist worker gets (None without several workers)."""
+    workers = xdist_workers(config)
+    if workers <= 1 or not configs:
+        return None
+    devices, cpus = discover(configs), os.sched_getaffinity(0)
+    shares = []
+    for k in range(workers):
+        place = worker_placement(k, workers, devices=devices, cpus=cpus)
+        gpus = f"GPU {', '.join(str(d.index) for d in place.devices) or 'none'}, " if place.devices is not None else ""
+        shares.append(f"gw{k}: {gpus}cores {cpu_list(place.cpus or ())} ({place.physical_cores} physical)")
+    return f"{workers} xdist workers, one config at a time each: " + "; ".join(shares)
+
+
 def auto_num_workers(configs: Sequence[ServerConfig]) -> int | None:
     """``-n auto`` with GPU configs selected: one worker per GPU (per ``gpus`` of the largest
     config); ``None`` (xdist's default, one per CPU) otherwise."""
@@ -127,5 +142,5 @@ def make_scheduler(config: pytest.Config, log: Any, instances: Callable[[], Iter
     return ConfigScheduling(config, log)
 
 
-__all__ = ["auto_num_workers", "check_controller", "config_group", "gpus_needed", "make_scheduler", "placement",
+__all__ = ["auto_num_workers", "check_controller", "describe_workers", "config_group", "gpus_needed", "make_scheduler", "placement",
            "worker_of", "xdist_workers"]  # fmt: skip
