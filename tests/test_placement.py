@@ -220,3 +220,20 @@ def test_a_remote_docker_engine_is_one_clear_error_not_a_readiness_timeout(tmp_p
     monkeypatch.setenv("DOCKER_HOST", "ssh://me@gpu1")
     with pytest.raises(DockerUnavailable, match=r"DOCKER_HOST=ssh://me@gpu1: the Docker engine is on another machine"):
         ContainerServer(config, run_id="x", log_dir=tmp_path)._launch(tmp_path / "m.gguf")
+
+
+def test_a_pinned_worker_pins_its_container_servers_too(tmp_path: Path) -> None:
+    from pytest_llamabench.server.container import ContainerServer
+
+    config = configs(tmp_path, '[configs.c]\nimage = "pytest-llamabench/llama-server:local"\n')["c"]
+    server = ContainerServer(config, run_id="x", log_dir=tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    before = os.sched_getaffinity(0)
+    assert "cpuset_cpus" not in server._create_args(tmp_path / "m.gguf") or len(before) < (os.cpu_count() or 0)
+    if len(before) < 2:
+        pytest.skip("one core: nothing to partition")
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert server._create_args(tmp_path / "m.gguf")["cpuset_cpus"] == str(min(before))
+    finally:
+        os.sched_setaffinity(0, before)

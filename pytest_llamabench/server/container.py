@@ -223,6 +223,9 @@ class ContainerServer(Server):
             kwargs["memswap_limit"] = self.config.memory_limit  # equal: no swap
         if self.config.gpu:
             kwargs["device_requests"] = self._device_requests()
+        pinned = os.sched_getaffinity(0)
+        if len(pinned) < (os.cpu_count() or 0):  # an xdist worker's share (hardware.placement): the same cores
+            kwargs["cpuset_cpus"] = ",".join(map(str, sorted(pinned)))
         return kwargs
 
     def _device_requests(self) -> list[Any]:
