@@ -132,3 +132,19 @@ def test_shards_of_a_split_run_disjoint_configs_and_merge_into_one_report(
     only_one = subprocess.run([sys.executable, "-m", "pytest_llamabench", "merge", str(reports[0]), "-o", str(merged)],
                               capture_output=True, text=True)  # fmt: skip
     assert only_one.returncode == 2 and "shard 2/2 is missing" in only_one.stderr
+
+
+def test_n_auto_starts_one_worker_per_gpu(pytester: pytest.Pytester, write_matrix: Write, bench_args: Args) -> None:
+    """One injected GPU (no GPU here): -n auto starts one worker, not one per core; the GPU test is
+    then skipped (NVML finds no usable GPU), before any server starts."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(MATRIX_TEST)
+    pytester.makeconftest(
+        "from pytest_llamabench.hardware import gpu\n"
+        "from pytest_llamabench.hardware.device import Device\n"
+        "gpu.discover_devices = lambda environ=None: [Device(0, 'GPU-0000-fake', 'Fake GPU')]\n"
+    )
+    matrix = write_matrix("[configs.g]\ngpu = true\n")
+    result = pytester.runpytest_subprocess(*bench_args(matrix), "-n", "auto", "--llamabench-workload=short")
+    result.stdout.fnmatch_lines(["created: 1/1 worker*"])
+    result.assert_outcomes(skipped=1)
