@@ -121,7 +121,7 @@ def test_published_on_loopback_only(base_server: ContainerServer, client: Any, r
     assert found.labels[dk.LABEL_OWNER_PID] == str(os.getpid())
     assert base_server.base_url is not None and base_server.base_url.startswith("http://127.0.0.1:")
     mounts = found.attrs["Mounts"]
-    assert [(m["Destination"], m["RW"]) for m in mounts] == [("/models", False)]
+    assert [(m["Destination"], m["RW"]) for m in mounts] == [("/models/SmolLM2-135M-Instruct.Q4_1.gguf", False)]  # the file only
     assert not any(e.startswith(("HOME=", "PYTEST_")) for e in found.attrs["Config"]["Env"])  # host env stays out
 
 

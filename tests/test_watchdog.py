@@ -31,7 +31,7 @@ OWNER = textwrap.dedent("""
     watchdog.track_process(kept.pid)
     watchdog.track_process(done.pid)
     watchdog.untrack_process(done.pid)   # stopped by its owner: not the watchdog's business any more
-    print(json.dumps({"kept": kept.pid, "done": done.pid, "watchdog": watchdog.watchdog().process.pid}), flush=True)
+    print(json.dumps({"kept": kept.pid, "done": done.pid, "watchdog": watchdog.watchdog().daemon_pid}), flush=True)
     time.sleep(300)
 """)
 

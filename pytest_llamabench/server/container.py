@@ -1,10 +1,10 @@
 """llama-server in a Docker container: ``ContainerServer``, same interface as ``LocalServer``.
 
-A config with ``image = "..."`` runs here. The model file's directory is mounted
-read-only at ``/models``; the server listens on 0.0.0.0:8080 inside and is
-published only on the host's 127.0.0.1 (random port). The container's output
-is streamed into the per-config log, so readiness and failure classification
-work as for a local process; ``State.OOMKilled`` / exit 137 become a host OOM.
+A config with ``image = "..."`` runs here. The model file alone is mounted read-only
+at ``/models/NAME`` (never its directory); the server runs unprivileged (``CONFINEMENT``),
+listens on 0.0.0.0:8080 inside and is published only on the host's 127.0.0.1 (random
+port). The container's output is streamed into the per-config log, so readiness and failure
+classification work as for a local process; ``State.OOMKilled`` / exit 137 become a host OOM.
 
 Every container carries owner labels and is removed by ``stop()`` (stop, then
 remove); the Docker client, the labels and the cleanup of leftovers are in docker.py.
@@ -13,8 +13,10 @@ remove); the Docker client, the labels and the cleanup of leftovers are in docke
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,8 @@ from pytest_llamabench.hardware.device import Device
 from pytest_llamabench.errors import ConfigError, DockerUnavailable, GpuUnavailable, ServerExited, ServerOutOfMemory, ServerStartError
 from pytest_llamabench.server.docker import _DAEMON_HINT, DockerClient, container_name, docker_client, owner_labels, remote_engine
 from pytest_llamabench.server.image import DEFAULT_TAG
-from pytest_llamabench.server.launcher import Server, process_peak_rss_mib, redacted
+from pytest_llamabench.server import watchdog
+from pytest_llamabench.server.launcher import HARNESS_ENV, Server, process_peak_rss_mib, redacted
 
 try:
     import docker
@@ -35,6 +38,17 @@ except ImportError:  # pragma: no cover - reported by docker_client()
 
 CONTAINER_PORT = 8080
 MODELS_DIR = "/models"
+#: The server runs as nobody (or as the host user, when that is not root), with no capabilities,
+#: no privilege escalation and a read-only root file system; tini (``init``) as PID 1 forwards
+#: SIGTERM, which llama-server as PID 1 ignores while it loads.
+NOBODY = "65534:65534"
+CONFINEMENT: dict[str, Any] = {
+    "init": True,
+    "cap_drop": ["ALL"],
+    "security_opt": ["no-new-privileges"],
+    "read_only": True,
+    "tmpfs": {"/tmp": "rw,noexec,nosuid,size=64m"},
+}
 _MIB = 1024 * 1024
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE_ENV = re.compile(r"^LLAMA_ARG_\w+=")  # server defaults an image may set (values are args, not secrets)
@@ -115,6 +129,22 @@ def _missing_image(ref: str, pinned: str | None, found: Any, exc: Exception | No
 # -- the server ---------------------------------------------------------------------
 
 
+def container_user(files: Sequence[Path], *, where: str) -> str:
+    """``uid:gid`` the server runs as: the host user's own, or nobody when pytest runs as root
+    (then every mounted file must be readable by others; else one clear error before launch)."""
+    uid = os.getuid()
+    if uid != 0:
+        return f"{uid}:{os.getgid()}"
+    for path in files:
+        if not path.stat().st_mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{where}: {path} is not readable by others, and a container's server runs as nobody "
+                f"({NOBODY}) when pytest runs as root; make it readable (chmod o+r {path}) or run pytest "
+                "as the file's owner"
+            )
+    return NOBODY
+
+
 def _returncode(exit_code: int | None) -> int | None:
     """Docker's 128+N for a signal -> Popen's -N (137 -> -SIGKILL)."""
     if exit_code is None or not 128 < exit_code < 128 + 65:
@@ -192,6 +222,7 @@ class ContainerServer(Server):
         self.container_name = container_name(self.run_id, self.config.instance)
         self.base_url, self._port, self._peak_mib = None, None, None  # a restart gets a new port
         kwargs = self._create_args(model_path.resolve())
+        watchdog.uses_docker(self.run_id)  # a SIGKILLed pytest's container goes too (watchdog.py)
         with self.log_path.open("wb") as log:
             log.write(f"# docker: {self.config.image} ({self._image_id}) {' '.join(redacted(kwargs['command']))}\n".encode())
         try:
@@ -216,7 +247,10 @@ class ContainerServer(Server):
             "environment": self._environment(),
             "labels": owner_labels(self.run_id, self.config.name),
             "ports": {f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)},  # never on other interfaces
-            "volumes": {str(model_path.parent): {"bind": MODELS_DIR, "mode": "ro"}, **file_volumes},
+            # only the files the server reads, read-only; never their directories
+            "volumes": {str(model_path): {"bind": f"{MODELS_DIR}/{model_path.name}", "mode": "ro"}, **file_volumes},
+            **CONFINEMENT,
+            "user": container_user([model_path, *(Path(v) for v in file_volumes)], where=f"{self.config.source} (model)"),
         }
         if self.config.memory_limit:
             kwargs["mem_limit"] = self.config.memory_limit
@@ -238,7 +272,7 @@ class ContainerServer(Server):
 
     def _environment(self) -> dict[str, str]:
         """Only the config's env and the API key: the host environment stays outside."""
-        env = dict(self.config.env)
+        env = {**HARNESS_ENV, **self.config.env}  # the load lines the memory report reads (launcher.py)
         if self.api_key:
             env["LLAMA_API_KEY"] = self.api_key  # never on argv: argv goes into reports
         return env
@@ -379,7 +413,7 @@ def _mount_file_args(args: list[str]) -> tuple[list[str], dict[str, dict[str, st
     for i, arg in enumerate(out[:-1]):
         if arg in _FILE_FLAGS:
             host = Path(out[i + 1]).resolve()
-            bind = f"/files/{len(volumes)}"
-            volumes[str(host.parent)] = {"bind": bind, "mode": "ro"}
-            out[i + 1] = f"{bind}/{host.name}"
+            bind = f"/files/{len(volumes)}/{host.name}"
+            volumes[str(host)] = {"bind": bind, "mode": "ro"}  # the file only, not its directory
+            out[i + 1] = bind
     return out, volumes

@@ -73,6 +73,12 @@ def api_key_of(config: ServerConfig) -> str | None:
     return config.env.get("LLAMA_API_KEY")
 
 
+#: Set for every server, under the config's own env: llama.cpp logs its load lines (buffer sizes of
+#: the model, KV cache and compute per device) at verbosity 4; the memory report reads them
+#: (``model.plan.reported_buffers``). An environment variable, so argv stays the user's own.
+HARNESS_ENV = {"LLAMA_ARG_LOG_VERBOSITY": "4"}
+
+
 def server_environment(
     config_env: Mapping[str, str], api_key: str | None, devices: Sequence[Device] | None = None
 ) -> dict[str, str]:
@@ -83,6 +89,7 @@ def server_environment(
     neither is added. ``None`` leaves the parent's setting.
     """
     env = {k: v for k, v in os.environ.items() if not _STRIPPED_ENV.match(k)}
+    env.update(HARNESS_ENV)
     if devices is not None and VISIBLE_DEVICES not in config_env:
         env.update(visible_devices_env(devices))
     env.update(config_env)

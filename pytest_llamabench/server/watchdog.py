@@ -25,6 +25,7 @@ is how it runs; nothing here imports pytest.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import select
@@ -58,23 +59,28 @@ class Watchdog:
         cmd = [sys.executable, "-m", "pytest_llamabench.server.watchdog", "--owner", str(os.getpid())]
         if also_watch:
             cmd += ["--also-watch", also_watch]
-        try:
-            self.process = subprocess.Popen(
-                cmd, stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        try:  # it forks once more and says the daemon's PID: no child of ours lingers as a zombie
+            with subprocess.Popen(
+                cmd, stdin=read_fd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                 start_new_session=True, close_fds=True, env={**os.environ, "PYTHONPATH": _import_path()},
-            )  # fmt: skip
+            ) as starter:  # fmt: skip
+                assert starter.stdout is not None
+                self.daemon_pid = int(starter.stdout.readline() or 0)
         finally:
             os.close(read_fd)
         os.set_inheritable(write_fd, False)  # servers and other children must not keep it open
         self._pipe = os.fdopen(write_fd, "w", buffering=1)
         self.pid = os.getpid()
+        atexit.register(self.close)
 
     def send(self, line: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._pipe.write(line + "\n")
 
     def close(self) -> None:
-        """Tell the watchdog this process is done (it cleans up what is left and exits)."""
+        """A normal exit: the watchdog cleans up what is left, once, and exits."""
+        if self.pid == os.getpid():
+            self.send("bye")
         with contextlib.suppress(OSError):
             self._pipe.close()
 
@@ -144,7 +150,7 @@ def _kill_groups(groups: dict[int, str]) -> None:
             os.killpg(pid, signal.SIGKILL)
 
 
-def _remove_containers(run_ids: set[str], owner: int) -> None:
+def _remove_containers(run_ids: set[str], owner: int, *, passes: int = 3) -> None:
     try:
         from pytest_llamabench.server.docker import LABEL_OWNER_PID, LABEL_RUN_ID, docker_client
     except ImportError:
@@ -153,14 +159,14 @@ def _remove_containers(run_ids: set[str], owner: int) -> None:
         client = docker_client()
     except Exception:  # noqa: BLE001 - no daemon: nothing of ours can be running there
         return
-    for attempt in range(3):  # again a second later: a create that was in flight when the owner died
+    for attempt in range(passes):  # again a second later: a create that was in flight when the owner died
         for run_id in sorted(run_ids):
             labels = [f"{LABEL_RUN_ID}={run_id}", f"{LABEL_OWNER_PID}={owner}"]
             with contextlib.suppress(Exception):
                 for container in client.containers.list(all=True, filters={"label": labels}):
                     with contextlib.suppress(Exception):
                         container.remove(force=True)
-        if attempt < 2:
+        if attempt < passes - 1:
             time.sleep(1.0)
     with contextlib.suppress(Exception):
         client.close()
@@ -170,6 +176,7 @@ def run(owner: int, also_watch: str | None, stdin_fd: int = 0) -> None:
     """Read registrations until EOF (or the watched controller died), then clean up."""
     groups: dict[int, str] = {}
     run_ids: set[str] = set()
+    clean_exit = False
     buffer = b""
     while True:
         ready, _, _ = select.select([stdin_fd], [], [], 0.5)
@@ -187,6 +194,8 @@ def run(owner: int, also_watch: str | None, stdin_fd: int = 0) -> None:
                     groups.pop(int(parts[1]), None)
                 elif parts[:1] == ["docker"] and len(parts) == 2:
                     run_ids.add(parts[1])
+                elif parts == ["bye"]:
+                    clean_exit = True
         elif also_watch and not _alive(also_watch):
             _kill_groups(groups)  # the controller died: this worker's servers go now
             groups.clear()
@@ -195,7 +204,7 @@ def run(owner: int, also_watch: str | None, stdin_fd: int = 0) -> None:
             also_watch = None
     _kill_groups(groups)
     if run_ids:
-        _remove_containers(run_ids, owner)
+        _remove_containers(run_ids, owner, passes=1 if clean_exit else 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-watch", help="PID:START of another process (an xdist controller)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only EOF ends it
+    daemon = os.fork()
+    if daemon:  # the starter: say the daemon's PID and exit, so the owner has no child to reap
+        print(daemon, flush=True)
+        os._exit(0)
+    sys.stdout.close()
+    os.close(1)
+    os.open(os.devnull, os.O_WRONLY)  # fd 1 again, so nothing writes into the starter's closed pipe
     run(args.owner, args.also_watch)
     return 0
 
