@@ -189,6 +189,13 @@ def test_merge_command_writes_one_report_the_table_and_the_gate_read(tmp_path: P
     assert "| C2 |" in out.with_suffix(".md").read_text()
     gate = run_cli("compare", str(out), str(out))
     assert gate.returncode == 0, gate.stdout + gate.stderr
+    cut = report("b.json", ["C2"], shard=(2, 2))
+    cut.interrupted = "Ctrl-C or SIGTERM"
+    cut.write(b, finished=False)
+    partial = run_cli("merge", str(a), str(b), "-o", str(out))
+    data = json.loads(out.read_text())
+    assert partial.returncode == 0 and data["finished"] is False and data["winner"]["winner"] is None, partial.stdout
+    assert data["interrupted"] == f"{b}: Ctrl-C or SIGTERM"
     refused = run_cli("merge", str(a), str(a), "-o", str(out))
     assert refused.returncode == 2 and "shard 1/2 is given twice" in refused.stderr, refused.stderr
 

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     merged = merge_reports([RunReport.load(p) for p in args.reports], allow_mixed=args.allow_mixed)
-    rows, workloads, verdict = build_table(merged.per_unit())
+    partial = merged.interrupted or (None if merged.finished else "a shard's run did not finish")
+    rows, workloads, verdict = build_table(merged.per_unit(), partial=partial)  # partial: no winner
     merged.extra["winner"] = verdict.as_dict()
     merged.write(args.output)
     if rows:
