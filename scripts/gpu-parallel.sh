@@ -8,7 +8,8 @@
 #   bash scripts/gpu-parallel.sh wait    wait (up to 9 min) for it and copy what it wrote to $OUT
 # The job runs from a copy because the device tool re-copies the checkout on every call.
 # Inputs in .carry/ (as for scripts/gpu-noise.sh): the llama.cpp source (llama-cpp-python 0.3.36 sdist),
-# the gguf wheel, and llama.cpp's models/ggml-vocab-qwen2.gguf.
+# the gguf wheel, llama.cpp's models/ggml-vocab-qwen2.gguf, and (used only when the machine lacks
+# pytest-xdist) the pytest_xdist-3.8.0 and execnet-2.1.2 wheels.
 # Device time (estimated from the H100 run: 314 s for all 4 workloads serially): about 3-4 min for the
 # serial run and 2 min for the parallel one with WORKLOADS="short long" (the default here), 1 min for
 # two-gpus; plus the CUDA build (4 min) and the models (1 min) when not already there. Call wait again
@@ -30,6 +31,8 @@ job)
     export LLAMABENCH_SERVER_BIN=$HOME/.cache/pytest-llamabench/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
     MODELS=$HOME/.cache/pytest-llamabench/synthetic-models
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl || exit 1
+    python3 -c "import xdist" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+        .carry/pytest_xdist-*.whl .carry/execnet-*.whl || exit 1   # -n
     if [ ! -x "$LLAMABENCH_SERVER_BIN" ]; then
         (time python3 -m pytest_llamabench build-server --backend cuda --cuda-arch 90 \
             --sdist .carry/llama-cpp-python-0.3.36.tar.gz) > "$JOB/out/build.txt" 2>&1 &
