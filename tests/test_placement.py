@@ -244,3 +244,33 @@ def test_a_pinned_worker_pins_its_container_servers_too(tmp_path: Path) -> None:
         assert server._create_args(tmp_path / "m.gguf")["cpuset_cpus"] == str(min(before))
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_parallel_vs_serial_flags_what_the_issue_asks_for() -> None:
+    """benchmarks/parallel_vs_serial.py on made-up reports: a tok/s ratio outside the start noise,
+    VRAM over the budget on one GPU, an OOM in parallel only, workers on one GPU, a slow wall time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from parallel_vs_serial import compare
+    finally:
+        sys.path.pop(0)
+
+    def run(gens: dict[str, float], minutes: int, gpu_of: dict[str, str], vram: float = 9000.0) -> RunReport:
+        results = []
+        for worker, (config, gen) in enumerate(gens.items()):
+            server = {"placement": {"worker": worker % 2, "workers": 2, "devices": [gpu_of[config]], "cpus": "0-15"},
+                      "vram": {"peak_by_device": {gpu_of[config]: vram if config == "C7" else 9000.0}}}  # fmt: skip
+            results.append(ResultEntry(f"{config}-short", config, "short", "passed" if gen else "error",
+                                       metrics={"gen_tok_s": Summary.of([gen, gen])} if gen else {}, server=server))  # fmt: skip
+        return RunReport(fingerprint={"vram_budget_mib": 16384}, results=results, started_at="2026-11-30T08:00:00+00:00",
+                         updated_at=f"2026-11-30T08:{minutes:02d}:00+00:00")  # fmt: skip
+
+    one_gpu = {"C5": "GPU-a", "C7": "GPU-b", "C8": "GPU-a"}
+    serial = run({"C5": 40.0, "C7": 70.0, "C8": 50.0}, 10, one_gpu)
+    good, failures = compare(serial, run({"C5": 38.0, "C7": 72.0, "C8": 51.0}, 5, one_gpu), spread=0.127)
+    assert failures == [], failures
+    assert "| C7 | 70.0 | 72.0 | 1.03 | yes | 1: GPU-b, 0-15 | 9000 | passed / passed |" in good
+    assert "ratio **0.50** (goal ≤ 0.6)" in good
+    bad, failures = compare(serial, run({"C5": 30.0, "C7": 70.0, "C8": 0.0}, 8, {c: "GPU-a" for c in one_gpu},
+                                        vram=17000.0), spread=0.127)  # fmt: skip
+    assert [f.split(":")[0] for f in failures] == ["C5", "C7", "C8", "wall time ratio 0.80 is above the goal 0.6", "workers shared a GPU"]
