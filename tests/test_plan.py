@@ -103,7 +103,7 @@ def test_the_plan_predicts_the_committed_h100_run() -> None:
             assert abs(p.gpu["kv"] / MIB - failure["requested_mib"]) < 1
         else:
             vram, rss = result["metrics"]["vram_peak_mib"]["max"], result["metrics"]["rss_peak_mib"]["max"]
-            assert 0 <= p.gpu_total / MIB - vram < 0.08 * vram, name  # never below the peak, within 8 %
+            assert abs(p.gpu_total / MIB - vram) < 0.05 * vram, name  # within 5 % of NVML's peak
             assert abs(p.host_total / MIB - rss) < 0.02 * rss, name
 
 
@@ -144,7 +144,7 @@ def test_roofline_reads_only_the_used_experts_and_moving_layers_to_the_gpu_raise
 
 
 def test_the_users_vram_column_sits_a_constant_offset_above_the_plan() -> None:
-    """The README's reading of the user's table: every measured config is 3.5-3.8 GB above the
+    """The README's reading of the user's table: every measured config is 3.9-4.4 GB above the
     plan (something else held that much of their card), the differences between configs match."""
     user = {"C1": ("q8_0", 0, ("exps=CPU",), "q8_0", 8064), "C2a": ("q8_0", 32, (), "q8_0", 14647),
             "C2b": ("q8_0", 36, (), "q8_0", 11387), "C3": ("q8_0", 0, ("exps=CPU",), "f16", 8681),
@@ -155,4 +155,14 @@ def test_the_users_vram_column_sits_a_constant_offset_above_the_plan() -> None:
         p = plan(model, PlanInputs(**{**USER, "n_cpu_moe": ncm, "overrides": ot, "cache_type_k": cache,  # type: ignore[arg-type]
                                       "cache_type_v": cache}))  # fmt: skip
         offsets.append(vram - p.gpu_total / MIB)
-    assert 3450 < min(offsets) and max(offsets) < 3850, offsets
+    assert 3900 < min(offsets) and max(offsets) < 4400, offsets
+
+
+def test_host_bandwidth_is_configured_in_gb_per_s_or_one_clear_error() -> None:
+    from pytest_llamabench.errors import ConfigError
+    from pytest_llamabench.hardware.bandwidth import HOST_BANDWIDTH_ENV, host_bandwidth
+
+    assert host_bandwidth({HOST_BANDWIDTH_ENV: "60"}) == (60e9, HOST_BANDWIDTH_ENV)
+    for bad in ("fast", "0", "-3"):
+        with pytest.raises(ConfigError, match=f"{HOST_BANDWIDTH_ENV}=.*in GB/s, e.g. 60"):
+            host_bandwidth({HOST_BANDWIDTH_ENV: bad})

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 
 from pytest_llamabench.results import SCHEMA_PATH
@@ -69,7 +69,8 @@ def boxed(client: Any, image_id: str) -> str:  # noqa: F811 - fixtures from test
 
 
 def test_a_ctx_search_finds_the_real_oom_edge_of_a_container(
-    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, boxed: str
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path, boxed: str,
+    client: Any,  # noqa: F811 - fixture from test_container
 ) -> None:
     pytester.makepyfile(SEARCH_TEST)
     search = 'search = { ctx = "largest-that-fits", min = 4096, max = 262144, step = 4096 }'
@@ -88,6 +89,8 @@ def test_a_ctx_search_finds_the_real_oom_edge_of_a_container(
     assert outcomes[edge]["rss_mib"] and outcomes[edge]["predicted_host_mib"]
     assert data["launches"] == len(data["probes"]) <= 10 and data["wall_s"] > 0
     assert [c["value"] for c in data["curve"]] == sorted(outcomes)
+    probes = {p["config"] for p in data["probes"]}
+    assert not [c.name for c in client.containers.list(all=True) if any(f"-{p}-" in c.name for p in probes)]
 
 
 def test_a_search_where_nothing_fits_is_one_clear_failure(

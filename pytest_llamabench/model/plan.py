@@ -17,8 +17,8 @@ Memory, per device:
 - recurrent state (hybrid models): per linear-attention layer and slot,
   ``(conv_kernel - 1) × conv_dim + d_state × d_inner`` F32 values (``n_embd_r + n_embd_s``);
 - compute buffer (an estimate; llama.cpp sizes it by reserving the worst-case graph of one
-  ubatch): ``ubatch × 4 B × (n_vocab [logits, where the output layer is] + 8·n_embd +
-  3·n_expert_used·n_ff_exp + n_expert)`` plus, without flash attention, the KQ matrix
+  ubatch, with logits for one output per slot, as llama-server sets ``n_outputs_max``):
+  ``ubatch × 4 B × (8·n_embd + 3·n_expert_used·n_ff_exp + n_expert) + slots × n_vocab × 4 B`` plus, without flash attention, the KQ matrix
   ``n_head × n_ctx × ubatch × 4 B``; and on a GPU with weights left on the CPU, one layer's
   CPU-resident weights, which the scheduler copies to the GPU for batches of 32+ tokens. The
   terms are checked against the server's own "compute buffer size" lines (``reported``);
@@ -29,8 +29,8 @@ Memory, per device:
 
 Checked against the H100 run in ``docs/gpu-run/synthetic-matrix-16GiB.json`` (synthetic
 Qwen3-30B-A3B, 65k ctx, KV q8_0; ``tests/test_plan.py``): C2's failed model buffer (20866 MiB)
-and C6's failed KV buffer (3264 MiB) are predicted exactly; the totals are 1.5–6.9 % above the
-NVML peaks (the compute term is the loose one), the host totals within 0.2 % of VmHWM
+and C6's failed KV buffer (3264 MiB) are predicted exactly; the totals are within −2.0 … +1.6 % of
+the NVML peaks (the compute term is the loose one), the host totals within 0.2 % of VmHWM
 (``CUDA_HOST_MIB`` was set from that run; the Qwen3.5 run on the H200 checks it).
 
 Host memory (the server's peak RSS): CPU weights (the whole file when loaded with mmap, since
@@ -252,7 +252,7 @@ def _compute(model: ModelTensors, inputs: PlanInputs, on_gpu: Mapping[str, bool]
     tensors = model.by_name()
     n_ff_exp = next((t.ne[1] for t in model.tensors if t.name.endswith("ffn_up_exps.weight")), 0)
     activations = inputs.ubatch * 4 * (8 * model.n_embd + 3 * model.n_expert_used * n_ff_exp + model.n_expert)
-    logits = inputs.ubatch * 4 * model.n_vocab
+    logits = inputs.parallel * 4 * model.n_vocab  # llama-server reserves outputs for one token per slot
     attention = _kq_bytes(model, inputs, n_ctx) if inputs.flash_attn == "off" else 0
     output_on_gpu = on_gpu.get("output.weight", on_gpu.get("token_embd.weight", False))
     if not inputs.gpu or not any(on_gpu.values()):
