@@ -31,6 +31,12 @@ def text_model() -> Path:
 
 
 @pytest.fixture(scope="module")
+def vlm_text_model() -> Path:
+    """SmolLM2-135M with SmolVLM's image tokens (derived into the cache on first use)."""
+    return embedded_model_path("smollm2-135m-instruct-q4_1-vlm-tokens")
+
+
+@pytest.fixture(scope="module")
 def projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_projector(TINY, tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf")
 
@@ -38,8 +44,10 @@ def projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- the vision projector ---------------------------------------------------------------
 
 
-def test_a_synthetic_projector_verifies_against_its_text_model(projector: Path, text_model: Path) -> None:
-    info = verify_projector(projector, text_model=verify_model(text_model, hash_file=False), where="m.mmproj")
+def test_a_synthetic_projector_verifies_against_its_text_model(projector: Path, vlm_text_model: Path) -> None:
+    text = verify_model(vlm_text_model, hash_file=False)
+    assert text.n_embd == 576 and text.metadata["llama.vocab_size"] == 49152 + 40
+    info = verify_projector(projector, text_model=text, where="m.mmproj")
     assert (info.projector_type, info.projection_dim, info.image_size, info.n_layer) == ("idefics3", 576, 64, 2)
     assert info.tensor_count == 4 + 16 * TINY.n_layer + 2  # patch w+b, pos, fc; 16 per block; post_ln w+b
 
@@ -48,6 +56,12 @@ def test_the_real_smolvlm_shape_matches_smollm2(text_model: Path) -> None:
     shape = PROJECTOR_SHAPES["smolvlm-256m"]
     assert shape.projection_dim == verify_model(text_model, hash_file=False).n_embd == 576
     assert shape.tokens_per_tile == 64  # (512 / 16)^2 patches, pixel shuffle by 4x4
+
+
+def test_a_smolvlm_projector_needs_smolvlm_image_tokens_in_the_text_model(projector: Path, text_model: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"idefics3 \(SmolVLM\) projector, but the text model .* has no "
+                                             r"<fake_token_around_image>, <global-img> token.*vlm-tokens"):  # fmt: skip
+        verify_projector(projector, text_model=verify_model(text_model, hash_file=False), where="m.mmproj")
 
 
 def test_an_mmproj_of_another_model_is_refused(tmp_path: Path, text_model: Path) -> None:
@@ -243,7 +257,8 @@ def test_a_probe_that_finds_no_architecture_table_says_nothing(tmp_path: Path) -
 def test_host_files_in_args_are_mounted_into_a_container() -> None:
     args, volumes = _mount_file_args(["--ctx-size", "512", "--mmproj", "/data/mm/p.gguf", "--chat-template-file", "/t/c.jinja"])
     assert args == ["--ctx-size", "512", "--mmproj", "/files/0/p.gguf", "--chat-template-file", "/files/1/c.jinja"]
-    assert volumes == {"/data/mm": {"bind": "/files/0", "mode": "ro"}, "/t": {"bind": "/files/1", "mode": "ro"}}
+    assert volumes == {"/data/mm/p.gguf": {"bind": "/files/0/p.gguf", "mode": "ro"},  # the files only
+                       "/t/c.jinja": {"bind": "/files/1/c.jinja", "mode": "ro"}}  # fmt: skip
 
 
 def test_the_session_names_models_the_build_cannot_load_before_any_server(tmp_path: Path, text_model: Path) -> None:
@@ -271,12 +286,12 @@ def test_the_session_names_models_the_build_cannot_load_before_any_server(tmp_pa
     assert architecture_problems(configs, lambda: None) == []  # no binary yet: the launches check
 
 
-def test_a_synth_projector_projects_to_its_text_model(text_model: Path) -> None:
+def test_a_synth_projector_projects_to_its_text_model(vlm_text_model: Path) -> None:
     import dataclasses
 
     from pytest_llamabench.model.projector import resolve_mmproj
 
-    smol = verify_model(text_model, hash_file=False)
+    smol = verify_model(vlm_text_model, hash_file=False)
     wide = dataclasses.replace(smol, n_embd=2048)  # e.g. the synthetic Qwen3-30B-A3B
     assert verify_projector(resolve_mmproj("synth:tiny", "w", smol), text_model=smol, where="w").projection_dim == 576
     assert verify_projector(resolve_mmproj("synth:tiny", "w", wide), text_model=wide, where="w").projection_dim == 2048

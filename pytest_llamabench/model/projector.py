@@ -84,6 +84,8 @@ def verify_projector(path: Path, *, text_model: ModelInfo | None, where: str, sh
             f"({text_model.architecture}.embedding_length): it is the mmproj of another model; use the mmproj "
             "published with this model"
         )
+    if projector_type == "idefics3" and text_model is not None:
+        _check_image_tokens(text_model, path, where)
     return ProjectorInfo(
         path=path,
         size=info.size,
@@ -95,6 +97,27 @@ def verify_projector(path: Path, *, text_model: ModelInfo | None, where: str, sh
         n_layer=int(meta.get("clip.vision.block_count") or 0),
         tensor_count=info.tensor_count,
     )
+
+
+#: Tokens llama.cpp's idefics3 framing (SmolVLM) looks up in the text model's vocabulary.
+IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>")
+
+
+def _check_image_tokens(text_model: ModelInfo, projector: Path, where: str) -> None:
+    """An idefics3 (SmolVLM) projector frames images with tokens only SmolVLM's vocabulary has;
+    without them every image request fails with ``400 Invalid token``."""
+    import gguf
+
+    field = gguf.GGUFReader(str(text_model.path)).fields.get("tokenizer.ggml.tokens")
+    tokens = set(field.contents()) if field is not None else set()
+    missing = [t for t in IDEFICS3_TOKENS if t not in tokens]
+    if missing:
+        raise ModelLoadError(
+            f"{where}: {projector.name} is an idefics3 (SmolVLM) projector, but the text model "
+            f"{text_model.path.name} has no {', '.join(missing)} token: every image would fail with 400 Invalid "
+            "token; use the text GGUF published with the projector (for the embedded SmolLM2: "
+            'embedded = "smollm2-135m-instruct-q4_1-vlm-tokens")'
+        )
 
 
 def vision_projector(config: ServerConfig, text_model: ModelInfo) -> ProjectorInfo | None:
