@@ -5,6 +5,8 @@ ctx search finds the real out-of-memory edge of a container's memory limit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,12 @@ def test_search(llama_search):
 '''
 
 
+def plan_table(*args: object) -> str:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "plan_table.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
 def report(tmp_path: Path) -> dict[str, Any]:
     """The inner run's report, checked against the documented schema."""
     data: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
@@ -61,6 +69,8 @@ def test_sweep_points_are_configs_with_the_plan_beside_what_the_server_reported(
         roof = memory["roofline"]
         assert roof["gpu_mb_per_token"] == 0 and roof["host_mb_per_token"] > 50 and roof["percent_of_ceiling"] > 0
     assert big["compare"]["host.kv"]["reported_mib"] == pytest.approx(4 * small["compare"]["host.kv"]["reported_mib"])
+    table = plan_table(tmp_path / "report.json")  # the docs/ table of scripts/plan_table.py
+    assert "| s-ctx1024 | — |  | — | — | — |" in table and "| passed |" in table
 
 
 @pytest.fixture
@@ -89,6 +99,7 @@ def test_a_ctx_search_finds_the_real_oom_edge_of_a_container(
     assert outcomes[edge]["rss_mib"] and outcomes[edge]["predicted_host_mib"]
     assert data["launches"] == len(data["probes"]) <= 10 and data["wall_s"] > 0
     assert [c["value"] for c in data["curve"]] == sorted(outcomes)
+    assert f"| {edge} | fits |" in plan_table("--search", tmp_path / "report.json")
     probes = {p["config"] for p in data["probes"]}
     assert not [c.name for c in client.containers.list(all=True) if any(f"-{p}-" in c.name for p in probes)]
 
