@@ -82,13 +82,15 @@ EOF
         --llamabench-log-dir="$JOB/out/logs-search" > "$JOB/out/search.txt" 2>&1
     echo "search: $? after $(( $(date +%s) - started )) s"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv   # nothing may be left on the GPU
-    (cd "$JOB/out" && tar czf logs.tgz logs-* build.txt nofit-build.txt synth.txt c4-nofit.json 2>/dev/null)
+    python3 scripts/plan_table.py "$JOB/out/matrix.json" "$JOB/out/c4-nofit.json" --search "$JOB/out/search.json" \
+        > "$JOB/out/plan-table.md" 2>&1
+    (cd "$JOB/out" && tar czf logs.tgz logs-* build.txt nofit-build.txt synth.txt c4-nofit.json matrix.md search.md 2>/dev/null)
     echo "job done"
     ;;
 wait)
     for _ in $(seq 1 114); do grep -q "job done" "$JOB/out/job.txt" 2>/dev/null && break; sleep 5; done
-    cp "$JOB"/out/{job.txt,matrix.json,matrix.md,matrix.txt,c4-nofit.txt,search.json,search.txt,logs.tgz} "$OUT/" 2>/dev/null
+    cp "$JOB"/out/{job.txt,matrix.json,matrix.txt,plan-table.md,c4-nofit.txt,search.json,search.txt,logs.tgz} "$OUT/" 2>/dev/null
     tail -12 "$JOB/out/job.txt"; tail -25 "$JOB/out/matrix.txt" 2>/dev/null; tail -8 "$JOB/out/c4-nofit.txt" 2>/dev/null
-    tail -12 "$JOB/out/search.txt" 2>/dev/null
+    tail -12 "$JOB/out/search.txt" 2>/dev/null; cat "$JOB/out/plan-table.md" 2>/dev/null
     ;;
 esac
