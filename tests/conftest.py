@@ -86,6 +86,8 @@ def bench_args(server_bin: Path, tmp_path: Path) -> Callable[[Path], list[str]]:
             # these tests check the pipeline, not the machine: a busy CI host must not turn their
             # measurements into "busy, not ranked" (busy detection has tests of its own)
             "--llamabench-busy-cores=2",
+            # the HTML page and its charts (matplotlib, seconds per run) only where a test asks for them
+            "--llamabench-html=off",
             "-p", "no:cacheprovider",
             "-p", "no:randomly",
         ]

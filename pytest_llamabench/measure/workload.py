@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -11,6 +12,7 @@ from pytest_llamabench.config import Workload
 from pytest_llamabench.errors import RequestFailed
 from pytest_llamabench.measure.kinds import KINDS
 from pytest_llamabench.measure.sample import Prompts, Sample
+from pytest_llamabench.progress import ProgressCallback, Repetition
 from pytest_llamabench.metrics import RSS_PEAK_MIB, SAMPLE_METRICS, VRAM_PEAK_MIB, Metric
 from pytest_llamabench.stats import Summary
 from pytest_llamabench.server.launcher import Server
@@ -60,11 +62,13 @@ class Measurement:
 
 
 def run_workload(
-    server: Server, workload: Workload, *, runner: Runner | None = None, timeout_s: float | None = None
+    server: Server, workload: Workload, *, runner: Runner | None = None, timeout_s: float | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Measurement:
     """Warm up, repeat, and collect one Sample per repetition.
 
-    ``timeout_s`` (the command line's) overrides the workload's request timeout."""
+    ``timeout_s`` (the command line's) overrides the workload's request timeout; ``progress``
+    hears of every round done (``progress.Repetition``)."""
     workload_kind = kind(workload.kind)
     client = server.client
     client.request_timeout_s = timeout_s or workload.request_timeout_s()
@@ -80,6 +84,7 @@ def run_workload(
         nonlocal rounds_done
         index = rounds_done
         rounds_done += 1
+        began = time.monotonic()
         try:
             sample = workload_kind.run_once(server, workload, prompts, index)
         except RequestFailed:
@@ -87,6 +92,9 @@ def run_workload(
             raise
         if index >= workload.warmup:
             samples.append(sample)
+        if progress is not None:
+            progress(Repetition(server.config.instance, workload.name, index + 1, workload.warmup + workload.repetitions,
+                                workload.warmup, time.monotonic() - began))  # fmt: skip
 
     if runner is not None:
         runner(one_round, workload.repetitions, workload.warmup)

@@ -13,6 +13,7 @@ from pytest_llamabench.config import ServerConfig, Thresholds, Workload
 from pytest_llamabench.errors import LlamabenchError, ServerOutOfMemory
 from pytest_llamabench.measure.thresholds import check_thresholds
 from pytest_llamabench.plugin import benchmark, options, workers
+from pytest_llamabench.plugin.progress import ProgressHooks, ProgressXdistHooks
 from pytest_llamabench.plugin.reporting import ENTRY, ReportHooks, phase_entry
 from pytest_llamabench.plugin.run import RunState
 from pytest_llamabench.plugin.xdist import XdistHooks
@@ -48,6 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ReportHooks(state), "llamabench-report")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "llamabench-xdist")
+        _register_progress(config, state)
     if config.pluginmanager.hasplugin("benchmark"):
         config.pluginmanager.register(benchmark.BenchmarkHooks(state), "llamabench-benchmark")
 
@@ -68,6 +70,20 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     state = session.config.stash[STATE]
+def _register_progress(config: pytest.Config, state: RunState) -> None:
+    """Progress lines on the controller (plugin/progress.py); live repetition status without xdist."""
+    if state.matrix is None or options.value(config, "progress")[0] == "off" or config.get_verbosity() <= -2:
+        return
+    distributed = config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+    hooks = ProgressHooks(config, live=not distributed)
+    config.pluginmanager.register(hooks, "llamabench-progress")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(ProgressXdistHooks(hooks, lambda: [c.instance for c in state.server_starts()],
+                                                         state.selected_workloads), "llamabench-progress-xdist")  # fmt: skip
+    if not distributed:
+        state.bench.progress = hooks.callback
+
+
     if state.is_controller:
         notice = benchmark.under_xdist_notice(session.config)
         shares = workers.describe_workers(session.config, state.selected_configs()) if state.matrix else None

@@ -110,6 +110,9 @@ OPTIONS = (
            "each workload's timeout_s or its size)", type=_seconds),  # fmt: skip
     Option("shard", "run shard i of N of the selected configs (sorted names dealt round robin), e.g. 1/2; "
            "merge the hosts' reports with python -m pytest_llamabench merge", type=_shard),  # fmt: skip
+    Option("html", "HTML report path (default: the JSON report's, with .html); 'off': no page and no chart files"),
+    Option("progress", "progress lines (config, workload, repetition, server load time, ETA): auto or off",
+           choices=("auto", "off"), default="auto"),  # fmt: skip
     Option("busy-cores", "a measurement is 'busy' when other processes used more than this many cores",
            type=_cores, default=0.25),  # fmt: skip
 )

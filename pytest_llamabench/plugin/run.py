@@ -377,6 +377,9 @@ class RunState:
 def _log(config: pytest.Config, message: str) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"[llamabench] {message}")
+        from pytest_llamabench.plugin.progress import capture_disabled
+
+        with capture_disabled(config):  # from inside a fixture or test too (else it is captured and lost)
+            reporter.write_line(f"[llamabench] {message}")
     else:
         print(f"[llamabench] {message}", flush=True)
