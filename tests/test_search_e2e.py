@@ -118,3 +118,11 @@ def test_a_search_where_nothing_fits_is_one_clear_failure(
     (entry,) = report(tmp_path)["results"]
     assert entry["outcome"] == "failed" and entry["failure"]["kind"] == "search-nothing-fits"
     assert {p["outcome"] for p in entry["search"]["probes"]} == {"oom"}
+
+
+def test_without_a_search_config_test_search_is_deselected_not_skipped(
+    pytester: pytest.Pytester, write_matrix: Write, bench_args: Args
+) -> None:
+    pytester.makepyfile(SEARCH_TEST)
+    result = pytester.runpytest_subprocess(*bench_args(write_matrix("[configs.plain]\n", workloads=TINY)))
+    result.assert_outcomes(deselected=1)

@@ -106,6 +106,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("llama_workload", [pytest.param(w, id=w.name) for w in state.selected_workloads()])
     except LlamabenchError as exc:
         pytest.fail(str(exc), pytrace=False)
+        if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
+            parametrize_searches(metafunc, state.search_configs())
 
 
 def _marks(config: ServerConfig) -> list[pytest.MarkDecorator]:
@@ -122,8 +124,6 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(raises=ServerOutOfMemory, strict=True, reason=f"expected OOM ({reason})")
 
 
-        if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
-            parametrize_searches(metafunc, state.search_configs())
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_inapplicable(config, items)
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
@@ -144,6 +144,8 @@ def _deselect_inapplicable(config: pytest.Config, items: list[pytest.Item]) -> N
         (keep if applies else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
+        if "llama_search" in getattr(item, "fixturenames", ()) and not isinstance(params.get("llama_search"), ServerConfig):
+            applies = False  # the matrix has no search config: test_search has nothing to run (plugin/search.py)
         items[:] = keep
 
 
