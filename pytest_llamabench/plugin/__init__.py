@@ -104,10 +104,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("llama_server", params, indirect=True, scope="session")
         if "llama_workload" in metafunc.fixturenames:
             metafunc.parametrize("llama_workload", [pytest.param(w, id=w.name) for w in state.selected_workloads()])
-    except LlamabenchError as exc:
-        pytest.fail(str(exc), pytrace=False)
         if "llama_search" in metafunc.fixturenames:  # one item per search config (plugin/search.py)
             parametrize_searches(metafunc, state.search_configs())
+    except LlamabenchError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def _marks(config: ServerConfig) -> list[pytest.MarkDecorator]:
@@ -141,11 +141,11 @@ def _deselect_inapplicable(config: pytest.Config, items: list[pytest.Item]) -> N
         params = getattr(getattr(item, "callspec", None), "params", {})
         server, workload = params.get("llama_server"), params.get("llama_workload")
         applies = not isinstance(server, ServerConfig) or not isinstance(workload, Workload) or workload.applies_to(server)
+        if "llama_search" in getattr(item, "fixturenames", ()) and not isinstance(params.get("llama_search"), ServerConfig):
+            applies = False  # the matrix has no search config: test_search has nothing to run (plugin/search.py)
         (keep if applies else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        if "llama_search" in getattr(item, "fixturenames", ()) and not isinstance(params.get("llama_search"), ServerConfig):
-            applies = False  # the matrix has no search config: test_search has nothing to run (plugin/search.py)
         items[:] = keep
 
 
