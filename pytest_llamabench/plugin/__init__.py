@@ -47,9 +47,9 @@ def pytest_configure(config: pytest.Config) -> None:
         state.bench.settings.log_dir /= str(config.workerinput["workerid"])  # type: ignore[attr-defined]
     else:
         config.pluginmanager.register(ReportHooks(state), "llamabench-report")
+        _register_progress(config, state)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "llamabench-xdist")
-        _register_progress(config, state)
     if config.pluginmanager.hasplugin("benchmark"):
         config.pluginmanager.register(benchmark.BenchmarkHooks(state), "llamabench-benchmark")
 
