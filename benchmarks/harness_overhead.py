@@ -7,8 +7,15 @@
 3. The harness's own CPU use while streaming (process CPU time / wall time).
 4. A small matrix through pytest: total wall time vs the sum of model loads and
    measured requests (goal <= 1.15: one load per config, little overhead).
+5. Concurrent load (issue 17): N streams at once through the async client (default 8, the
+   ``np8`` config of configs/concurrency.toml): the harness's process CPU time over the wall
+   time, next to the server's, and each request's client tok/s against the server's
+   ``timings.predicted_per_second`` (same n - 1 tokens).
 
     python benchmarks/harness_overhead.py [--json out.json]
+    python benchmarks/harness_overhead.py --only-load [--streams 8] [--json out.json]
+    python benchmarks/harness_overhead.py --only-load --load-matrix configs/concurrency-gpu.toml \
+        --load-config np16 --streams 16 --n-predict 256 --json gpu-overhead.json     # on the GPU
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from typing import Any
 
 from pytest_llamabench.server.build import BuildSpec, cached_binary, resolve_server_bin
 from pytest_llamabench.config import Workload, load_matrix
+from pytest_llamabench.config_load import LoadLevel
+from pytest_llamabench.hardware.host import process_cpu_seconds
+from pytest_llamabench.measure.load import LoadSample
 from pytest_llamabench.server.launcher import LocalServer
 from pytest_llamabench.model.files import embedded_model_path
 from pytest_llamabench.measure.workload import run_workload
@@ -48,9 +58,9 @@ def client_vs_server(binary: Path, n_predict: int, reps: int) -> dict[str, Any]:
         measurement = run_workload(server, workload)
         wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     metrics = measurement.metrics()
-    server, client = metrics[GEN_TOK_S.name], metrics[CLIENT_GEN_TOK_S.name]
-    server_tps, client_tps = server.median, client.median
-    diffs = [abs(c - s) / s * 100 for c, s in zip(client.samples, server.samples)]
+    by_server, by_client = metrics[GEN_TOK_S.name], metrics[CLIENT_GEN_TOK_S.name]
+    server_tps, client_tps = by_server.median, by_client.median
+    diffs = [abs(c - s) / s * 100 for c, s in zip(by_client.samples, by_server.samples)]
     return {
         "server_gen_tok_s": server_tps,
         "client_gen_tok_s": client_tps,
@@ -59,6 +69,36 @@ def client_vs_server(binary: Path, n_predict: int, reps: int) -> dict[str, Any]:
         "harness_cpu_pct_of_one_core": cpu / wall * 100,
         "wall_s": wall,
     }
+
+
+def concurrent_overhead(binary: Path, matrix_path: Path, config_name: str, streams: int, n_predict: int,
+                        reps: int) -> dict[str, Any]:  # fmt: skip
+    """``streams`` closed-loop streams, 4 requests each, per repetition: the harness's CPU and timing error."""
+    matrix = load_matrix([matrix_path])
+    config = matrix.configs[config_name]
+    level = LoadLevel("overhead", concurrency=streams, requests=4 * streams)
+    workload = Workload(f"overhead-c{streams}", kind="load", prompt_tokens=64, n_predict=n_predict,
+                        repetitions=reps, warmup=1, load=level)  # fmt: skip
+    with tempfile.TemporaryDirectory() as logs, LocalServer(config, binary=binary, log_dir=Path(logs)) as server:
+        server_cpu0 = sum(process_cpu_seconds(pid) for pid in server.pids())
+        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        measurement = run_workload(server, workload)
+        wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+        server_cpu = sum(process_cpu_seconds(pid) for pid in server.pids()) - server_cpu0
+    rows = [row for s in measurement.samples if isinstance(s, LoadSample) for row in s.requests]
+    diffs = [abs(r["client_gen_tok_s"] - r["gen_tok_s"]) / r["gen_tok_s"] * 100 for r in rows if r["gen_tok_s"] > 0]
+    agg = measurement.metrics()["agg_tok_s"]
+    return {
+        "config": config_name, "matrix": str(matrix_path), "streams": streams, "requests": len(rows),
+        "n_predict": n_predict, "wall_s": wall, "agg_tok_s_median": agg.median,
+        "harness_cpu_s": cpu, "harness_cores": cpu / wall, "server_cpu_s": server_cpu, "server_cores": server_cpu / wall,
+        "harness_share_of_cpu_pct": cpu / (cpu + server_cpu) * 100 if cpu + server_cpu > 0 else None,
+        "harness_cpu_ms_per_token": cpu * 1000 / sum(r["predicted_n"] for r in rows) if rows else None,
+        "client_vs_server_pct_median": statistics.median(diffs) if diffs else None,
+        "client_vs_server_pct_p90": sorted(diffs)[int(0.9 * (len(diffs) - 1))] if diffs else None,
+        "client_vs_server_pct_max": max(diffs) if diffs else None,
+        "warmups_included": "harness/server CPU and wall include the warmup repetition",
+    }  # fmt: skip
 
 
 def llama_bench(binary_dir: Path, n_predict: int, reps: int) -> float | None:
@@ -100,11 +140,27 @@ def main() -> int:
     parser.add_argument("--n-predict", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only-load", action="store_true", help="only part 5, concurrent load")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--load-matrix", type=Path, default=REPO / "configs/concurrency.toml")
+    parser.add_argument("--load-config", default="np8")
     args = parser.parse_args()
     binary, _ = resolve_server_bin(
         [(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")], spec=BuildSpec(), build_if_missing=True, log=print
     )
     results: dict[str, Any] = {"cpu": os.cpu_count(), "binary": str(binary)}
+    results["concurrent"] = concurrent_overhead(binary, args.load_matrix, args.load_config, args.streams,
+                                                args.n_predict, args.reps)  # fmt: skip
+    c = results["concurrent"]
+    print(f"{c['streams']} streams ({c['config']}): {c['requests']} requests, {c['agg_tok_s_median']:.1f} aggregate tok/s")
+    print(f"  harness CPU {c['harness_cores']:.3f} cores ({c['harness_cpu_ms_per_token']:.3f} ms per token), "
+          f"server {c['server_cores']:.2f} cores: harness {c['harness_share_of_cpu_pct']:.1f}% of the CPU time")  # fmt: skip
+    print(f"  client vs server tok/s per request: median {c['client_vs_server_pct_median']:.2f}%, "
+          f"p90 {c['client_vs_server_pct_p90']:.2f}%, max {c['client_vs_server_pct_max']:.2f}%")  # fmt: skip
+    if args.only_load:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return 0
     results["client_vs_server"] = client_vs_server(binary, args.n_predict, args.reps)
     bin_dir = cached_binary(BuildSpec())
     results["llama_bench_tg_tok_s"] = llama_bench((bin_dir or binary).parent, args.n_predict, args.reps)

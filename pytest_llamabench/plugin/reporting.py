@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,8 @@ def phase_entry(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.T
     entry = ResultEntry(item.nodeid, config.name, workload.name if isinstance(workload, Workload) else None,
                         start=config.start if config.restarts > 1 else None, description=config.description,
                         expect=config.expect)  # fmt: skip
+    if isinstance(workload, Workload) and workload.load is not None:  # a failed level stays on its load curve
+        entry.workload_spec = dataclasses.asdict(workload)
     exc = call.excinfo.value if call.excinfo is not None else None
     if isinstance(exc, LlamabenchError):
         entry.failure = Failure.from_exception(exc)

@@ -1,0 +1,130 @@
+"""Many streamed completions at once: one ``httpx.AsyncClient`` on one event loop.
+
+The concurrent load workload (``measure/load.py``) sends its requests through this, so the
+client costs one thread however many streams are open. Each stream records the client-side
+arrival time of every token event, like ``LlamaClient`` does for one request at a time, and
+the server's slot use is read from ``/metrics`` (when the server runs with ``--metrics``) or
+``/slots``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from pytest_llamabench.errors import RequestFailed, RequestTimedOut, StreamDroppedEarly
+from pytest_llamabench.server.client import StreamResult
+
+_PROCESSING = re.compile(r"^llamacpp:requests_processing\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
+
+
+class AsyncStreams:
+    """``async with AsyncStreams(url, ...) as streams: await streams.completion(path, payload)``."""
+
+    def __init__(self, base_url: str, *, api_key: str | None, timeout_s: float, timeout_hint: str,
+                 connections: int) -> None:  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.timeout_hint = timeout_hint
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=connections + 2, max_keepalive_connections=0)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
+                                       timeout=httpx.Timeout(timeout_s, connect=10.0))  # fmt: skip
+
+    async def __aenter__(self) -> AsyncStreams:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def completion(self, path: str, payload: Mapping[str, Any]) -> StreamResult:
+        """POST ``/completion`` (tokens counted from its ``tokens`` arrays) or ``/v1/completions``
+        (one token per text delta), streamed."""
+        native = path == "/completion"
+        body = {**payload, "stream": True}
+        body.update({"return_tokens": True} if native else {"stream_options": {"include_usage": True}})
+        token_times: list[float] = []
+        client_tokens = 0
+        text: list[str] = []
+        final: dict[str, Any] = {}
+        sent_at = time.perf_counter()
+        try:
+            # a fresh connection per request, as LlamaClient does (a pooled one the server closed
+            # shows up as "disconnected without sending a response")
+            async with self._http.stream("POST", path, json=body, headers={"Connection": "close"}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    now = time.perf_counter()
+                    event = _event(line[len("data: ") :], path)
+                    if event is None:
+                        break
+                    n, piece = _tokens(event, native)
+                    if n:
+                        token_times.append(now)
+                        client_tokens += n
+                        text.append(piece)
+                    if "timings" in event or event.get("stop") is True:
+                        final = {**final, **event}
+        except httpx.TimeoutException as exc:
+            raise RequestTimedOut(f"POST {path}: the server sent nothing for {self.timeout_s:g} s "
+                                  f"({type(exc).__name__}); {self.timeout_hint}") from exc  # fmt: skip
+        except httpx.HTTPError as exc:
+            error = RequestFailed if (final or token_times) else StreamDroppedEarly
+            raise error(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
+        if not final:
+            raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
+        return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))
+
+    async def busy_slots(self, source: str) -> int | None:
+        """Slots processing a request now, from ``/metrics`` or ``/slots``; None if unreadable."""
+        try:
+            response = await self._http.get(source, timeout=5.0)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        if source == "/metrics":
+            match = _PROCESSING.search(response.text)
+            return round(float(match.group(1))) if match else None
+        try:
+            slots = response.json()
+        except ValueError:
+            return None
+        if not isinstance(slots, list):
+            return None
+        return sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+
+
+def _event(data: str, path: str) -> dict[str, Any] | None:
+    """One ``data:`` payload of the stream; None at ``[DONE]``."""
+    if data == "[DONE]":
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise RequestFailed(f"POST {path}: malformed stream event {data[:200]!r}") from exc
+    if not isinstance(event, dict):
+        raise RequestFailed(f"POST {path}: stream event is not an object: {data[:200]!r}")
+    if "error" in event:
+        raise RequestFailed(f"POST {path}: server error in stream: {json.dumps(event['error'])[:300]}")
+    return event
+
+
+def _tokens(event: dict[str, Any], native: bool) -> tuple[int, str]:
+    if native:
+        return len(event.get("tokens") or []), str(event.get("content", ""))
+    choices = event.get("choices") or []
+    text = choices[0].get("text") if choices else None
+    return (1, str(text)) if text else (0, "")
+
+
+__all__ = ["AsyncStreams"]
