@@ -35,7 +35,7 @@ from typing import Any
 from pytest_llamabench.server.build import BuildSpec, cached_binary, resolve_server_bin
 from pytest_llamabench.config import Workload, load_matrix
 from pytest_llamabench.config_load import LoadLevel
-from pytest_llamabench.hardware.host import process_cpu_seconds
+from pytest_llamabench.hardware.host import host_fingerprint, process_cpu_seconds
 from pytest_llamabench.measure.load import LoadSample
 from pytest_llamabench.server.launcher import LocalServer
 from pytest_llamabench.model.files import embedded_model_path
@@ -88,8 +88,13 @@ def concurrent_overhead(binary: Path, matrix_path: Path, config_name: str, strea
     rows = [row for s in measurement.samples if isinstance(s, LoadSample) for row in s.requests]
     diffs = [abs(r["client_gen_tok_s"] - r["gen_tok_s"]) / r["gen_tok_s"] * 100 for r in rows if r["gen_tok_s"] > 0]
     agg = measurement.metrics()["agg_tok_s"]
+    where = host_fingerprint().get("cpu")
+    if config.gpu:
+        from pytest_llamabench.hardware.gpu import snapshot_gpus
+
+        where = next((g.as_dict().get("name") for g in snapshot_gpus()), None) or where
     return {
-        "config": config_name, "matrix": str(matrix_path), "streams": streams, "requests": len(rows),
+        "device": where, "config": config_name, "matrix": str(matrix_path), "streams": streams, "requests": len(rows),
         "n_predict": n_predict, "wall_s": wall, "agg_tok_s_median": agg.median,
         "harness_cpu_s": cpu, "harness_cores": cpu / wall, "server_cpu_s": server_cpu, "server_cores": server_cpu / wall,
         "harness_share_of_cpu_pct": cpu / (cpu + server_cpu) * 100 if cpu + server_cpu > 0 else None,

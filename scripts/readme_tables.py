@@ -86,7 +86,36 @@ def gpu_noise(path: str) -> str:
     return f"{gpu}, 16 GiB budget, `{path}`:\n\n" + "\n".join(lines) + "\n"
 
 
+def load_curves(path: str) -> str:
+    """The throughput-vs-latency tables (with knees) of a report's concurrent workloads."""
+    from pytest_llamabench.outputs import load_table
+
+    report = RunReport.load(REPO / path)
+    gpus = report.fingerprint.get("gpus") or []
+    where = gpus[0].get("name") if gpus else (report.fingerprint.get("host") or {}).get("cpu")
+    return f"From `{path}` ({where}):\n\n" + load_table.render(load_table.build_curves(report.per_unit()), markdown=True)
+
+
+def harness_load(*paths: str) -> str:
+    """The harness's own cost under concurrent load (benchmarks/harness_overhead.py --only-load)."""
+    lines = ["| device | config | streams | aggregate tok/s | harness CPU (cores) | server CPU (cores) | harness share "
+             "of CPU time | client vs server tok/s per request (median / p90 / max) | report |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        c = _load(path)["concurrent"]
+        lines.append(f"| {c.get('device')} | {c['config']} | {c['streams']} | {c['agg_tok_s_median']:.1f} | "
+                     f"{c['harness_cores']:.3f} | {c['server_cores']:.2f} | {c['harness_share_of_cpu_pct']:.1f}% | "
+                     f"{c['client_vs_server_pct_median']:.2f}% / {c['client_vs_server_pct_p90']:.2f}% / "
+                     f"{c['client_vs_server_pct_max']:.2f}% | `{path}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    # issue 17: blocks to add to README.md once the reports are committed under docs/concurrency/
+    "concurrency-cpu": lambda: load_curves("docs/concurrency/cpu/report.json"),
+    "concurrency-gpu": lambda: load_curves("docs/concurrency/gpu/concurrency-gpu.json"),
+    "harness-load": lambda: harness_load("docs/concurrency/cpu/harness-overhead.json",
+                                         "docs/concurrency/gpu/harness-overhead-gpu.json"),  # fmt: skip
     "gpu-matrix": lambda: results_table("docs/gpu-run/synthetic-matrix-16GiB.json"),
     "default-matrix": lambda: results_table("docs/default-run/report.json"),
     "start-spread": lambda: start_spread("docs/noise/start-spread-knobs.json", "docs/noise/start-spread-strict.json"),

@@ -4,6 +4,7 @@ Poisson arrivals, distinct prompts, the knee and the throughput-vs-latency table
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,24 @@ def test_open_loop_levels_are_their_own_series() -> None:
     (curve,) = load_table.build_curves(results)
     assert [p.label for p in curve.series(False)] == ["r0.5", "r1"]
     assert [k.series for k in curve.knees()] == ["closed loop", "open loop"]
+
+
+def test_readme_blocks_render_from_committed_reports(tmp_path: Path) -> None:
+    import importlib.util
+
+    from pytest_llamabench.results import RunReport
+
+    spec = importlib.util.spec_from_file_location("readme_tables", REPO / "scripts/readme_tables.py")
+    assert spec is not None and spec.loader is not None
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    report = RunReport(fingerprint={"host": {"cpu": "Some CPU"}}, results=[entry("a", 1, 100, 1000), entry("a", 2, 150, 1100)])
+    report.write(tmp_path / "r.json")
+    text = tables.load_curves(str(tmp_path / "r.json"))
+    assert text.startswith(f"From `{tmp_path / 'r.json'}` (Some CPU):") and "| c2 | " in text
+    overhead = {"concurrent": {"device": "Some CPU", "config": "np8", "streams": 8, "agg_tok_s_median": 150.0,
+                               "harness_cores": 0.05, "server_cores": 1.9, "harness_share_of_cpu_pct": 2.5,
+                               "client_vs_server_pct_median": 0.4, "client_vs_server_pct_p90": 1.0,
+                               "client_vs_server_pct_max": 3.0}}  # fmt: skip
+    (tmp_path / "h.json").write_text(json.dumps(overhead))
+    assert "| Some CPU | np8 | 8 | 150.0 | 0.050 | 1.90 | 2.5% | 0.40% / 1.00% / 3.00% |" in tables.harness_load(str(tmp_path / "h.json"))
