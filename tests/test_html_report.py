@@ -90,13 +90,15 @@ def test_sections_and_metrics_added_later_are_drawn() -> None:
 
 def test_the_quality_section_and_the_gate_rows_with_intervals() -> None:
     data = copy.deepcopy(_data(CPU_REPORT))
-    data["quality"] = [{"config": "q4", "model_file": "m.gguf", "ppl": 6.6688, "verdict": "RECOMMENDED"}]
+    data["quality"] = [{"config": "q8", "model_file": "m-q8.gguf", "ppl": 6.5342, "ppl_error": 0.04, "verdict": "Reference"},
+                       {"config": "q4", "model_file": "m.gguf", "ppl": 6.6688, "increase_pct": 2.06, "verdict": "RECOMMENDED"}]
     data["gate"] = {"baseline": "base.json", "regressed": True, "summary": "1 regressed",
                     "rows": [{"config": "base", "workload": "short", "metric": "gen_tok_s", "verdict": "regressed",
                               "base_median": 80.5, "new_median": 70.1, "ratio": 0.871, "ci": [0.82, 0.91],
                               "p_value": 0.008, "mde": 0.07, "reason": ""}]}  # fmt: skip
     page = html.render(RunReport.from_dict(data))
     assert "<h2>Quality</h2>" in page and "RECOMMENDED" in page and "6.669" in page
+    assert 'id="chart-quality"' in page and "RECOMMENDED  +2.1%" in page
     assert "<h2>Regression gate</h2>" in page and "0.820–0.910" in page and "7%" in page
     assert '<tr class="fail"><td>base</td><td>short</td><td>gen_tok_s</td>' in page
 
@@ -160,3 +162,19 @@ def test_concurrent_load_curves_are_drawn() -> None:
     page = html.render(RunReport.from_dict(data))
     assert 'id="chart-load"' in page and "base/load (streams)" in page
     assert "<h2>Concurrent load</h2>" in page and "knee (closed loop)" in page
+
+
+def test_the_markdown_shows_the_charts_and_the_step_summary_names_them(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_llamabench.outputs import markdown
+
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("GITHUB_SERVER_URL", "https://github.com")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "o/r")
+    monkeypatch.setenv("GITHUB_RUN_ID", "42")
+    markdown.write(tmp_path / "report.md", "| a |\n", [("Generation tok/s", "report-charts/tok_s.png")])
+    assert "![Generation tok/s](report-charts/tok_s.png)" in (tmp_path / "report.md").read_text()
+    text = summary.read_text()
+    assert "![" not in text  # GitHub cannot show a runner's local files in a step summary
+    assert "`report-charts/tok_s.png`" in text and "https://github.com/o/r/actions/runs/42#artifacts" in text

@@ -361,9 +361,37 @@ def load_chart(report: RunReport) -> Chart | None:
                  "Each point is a load level (its label); medians over repetitions.", fig)  # fmt: skip
 
 
+_VERDICT_COLOURS = {"Reference": "#777777", "RECOMMENDED": PALETTE[2], "NOT RECOMMENDED": "#B00020"}
+
+
+def quality_chart(report: RunReport) -> Chart | None:
+    """Quant quality (the report's ``quality`` rows): perplexity per model with its ± and the
+    increase over the reference, coloured by verdict."""
+    rows = [r for r in report.extra.get("quality") or [] if isinstance(r, Mapping) and isinstance(r.get("ppl"), (int, float))]
+    if not rows:
+        return None
+    fig = _figure(7.0, 1.0 + 0.45 * len(rows))
+    ax = fig.add_subplot()
+    labels = [str(r.get("model_file") or r.get("config")) for r in rows]
+    errors = [float(r["ppl_error"]) if isinstance(r.get("ppl_error"), (int, float)) else 0.0 for r in rows]
+    ax.barh(range(len(rows)), [float(r["ppl"]) for r in rows], xerr=errors, capsize=3,
+            color=[_VERDICT_COLOURS.get(str(r.get("verdict")), PALETTE[0]) for r in rows])  # fmt: skip
+    for i, row in enumerate(rows):
+        increase = row.get("increase_pct")
+        note = f"{row.get('verdict', '')}" + (f"  {increase:+.1f}%" if isinstance(increase, (int, float)) else "")
+        ax.annotate(note, (float(row["ppl"]) + errors[i], i), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity (lower is better)")
+    ax.set_xlim(0, max(float(r["ppl"]) + e for r, e in zip(rows, errors)) * 1.35)
+    ax.grid(axis="x", alpha=0.3)
+    return Chart("quality", "Quant quality", "Perplexity of each model on the corpus (± llama-perplexity's "
+                 "uncertainty); the label: verdict and the increase over the reference.", fig)  # fmt: skip
+
+
 #: Every chart, in page order.
 CHARTS: tuple[Callable[[RunReport], Chart | None], ...] = (tok_s_chart, memory_chart, ttft_chart, itl_chart, sweep_chart,
-                                                           load_chart)  # fmt: skip
+                                                           load_chart, quality_chart)  # fmt: skip
 
 
 def charts(report: RunReport) -> list[Chart]:

@@ -154,7 +154,7 @@ def _quality(report: RunReport, page: Page) -> str | None:
     per_result = {(u.config, u.workload): u.extra["quality"] for u in page.units if u.extra.get("quality") is not None}
     if section is None and not per_result:
         return None
-    parts = ["<h2>Quality</h2>"]
+    parts = ["<h2>Quality</h2>", page.figure("quality")]
     if section is not None:
         parts.append(_value(section))
     if per_result:
