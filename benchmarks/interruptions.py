@@ -7,19 +7,19 @@ the embedded model), send the signal to the pytest process after a random delay 
 during start-up, model load, requests and teardown alike), wait for it to exit, give it
 ``--grace`` seconds, then count what is left:
 
-* llama-server processes that were not there before the run;
+* llama-server processes of the run (each run's servers get a unique ``--alias``);
 * containers of the run (by its run-id label);
-* GPU compute processes (nvidia-smi) that were not there before — where the VRAM ballast
-  would show if it were held by a process (it is in-process ``cuMemAlloc``);
-* TCP ports listening on this host that were not listening before;
-* watchdog processes of the run;
+* GPU compute processes (nvidia-smi) of the run: its servers or pytest itself, which holds
+  the VRAM ballast (in-process ``cuMemAlloc``);
+* the ports its servers listened on (each test records its server's URL) that still answer;
+* its watchdog processes;
 
-and checks the report: absent (the run died before its first result) or valid JSON that
+so other processes on the machine are never counted; and checks the report: absent (the run died before its first result) or valid JSON that
 matches the schema, with ``finished`` true exactly when pytest exited on its own (exit code
 0 or 1) before the signal.
 
 Prints a table and writes every run to ``docs/interruptions/interruptions.json`` (``--out``).
-On a quiet machine (other llama-servers or new listening ports would be counted)::
+On a quiet machine (the delays are drawn from the length of an uninterrupted run)::
 
     python benchmarks/interruptions.py --runs 10            # local and docker, ~25 min on 2 cores
     python benchmarks/interruptions.py --runs 10 --launchers local
@@ -33,11 +33,13 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ embedded = "smollm2-135m-instruct-q4_1"
 model = "m"
 threads = 2
 ctx = 1024
+args = ["--alias", "{tag}"]
 {image}
 
 [configs.a]
@@ -79,6 +82,8 @@ warmup = 0
 
 TEST = """
 def test_workload(llama_server, llama_workload, llamabench):
+    with open("urls", "a") as fh:
+        fh.write(llama_server.base_url + "\\n")
     llamabench(llama_server, llama_workload)
 """
 
@@ -116,26 +121,27 @@ def _state(pid: int) -> str:
         return "X"
 
 
-def llama_servers() -> set[int]:
-    return {pid for pid, cmd in _cmdlines().items() if "llama-server" in cmd.split(" ")[0] and _state(pid) != "Z"}
+def llama_servers(tag: str) -> set[int]:
+    """This run's servers: ``--alias TAG`` is on their command line."""
+    return {pid for pid, cmd in _cmdlines().items()
+            if "llama-server" in cmd.split(" ")[0] and f" {tag} " in f"{cmd} " and _state(pid) != "Z"}  # fmt: skip
 
 
-def watchdogs() -> set[int]:
-    return {pid for pid, cmd in _cmdlines().items() if "pytest_llamabench.server.watchdog" in cmd and _state(pid) != "Z"}
+def watchdogs(owner: int) -> set[int]:
+    return {pid for pid, cmd in _cmdlines().items()
+            if "pytest_llamabench.server.watchdog" in cmd and f"--owner {owner} " in f"{cmd} " and _state(pid) != "Z"}  # fmt: skip
 
 
-def listening_ports() -> set[int]:
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":  # LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+def answering(urls: list[str]) -> list[str]:
+    """The URLs (this run's servers) where something still accepts a connection."""
+    out = []
+    for url in urls:
+        host, _, port = url.removeprefix("http://").partition(":")
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex((host, int(port))) == 0:
+                out.append(url)
+    return out
 
 
 def gpu_processes() -> set[int]:
@@ -162,12 +168,12 @@ def containers_of(run_id: str | None) -> list[str]:
 # -- one run -----------------------------------------------------------------------------
 
 
-def prepare(work: Path, launcher: str) -> list[str]:
+def prepare(work: Path, launcher: str, tag: str = "llamabench-interrupt") -> list[str]:
     from pytest_llamabench.server.build import BuildSpec, resolve_server_bin
     from pytest_llamabench.server.image import DEFAULT_TAG
 
     image = f'image = "{DEFAULT_TAG}"' if launcher == "docker" else ""
-    (work / "matrix.toml").write_text(MATRIX.format(image=image))
+    (work / "matrix.toml").write_text(MATRIX.format(image=image, tag=tag))
     (work / "test_matrix.py").write_text(TEST)
     (work / "conftest.py").write_text(CONFTEST)
     binary, _ = resolve_server_bin([(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")],
@@ -200,10 +206,10 @@ def check_report(path: Path, exited_on_its_own: bool) -> dict[str, Any]:
 
 
 def one_run(cmd: list[str], launcher: str, sig: str, delay: float, grace: float) -> dict[str, Any]:
-    before = {"servers": llama_servers(), "ports": listening_ports(), "gpu": gpu_processes()}
+    tag = f"llamabench-interrupt-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="llamabench-interrupt-") as tmp:
         work = Path(tmp)
-        prepare(work, launcher)
+        prepare(work, launcher, tag)
         started = time.monotonic()
         with (work / "out.txt").open("w") as out:
             proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT)
@@ -220,14 +226,16 @@ def one_run(cmd: list[str], launcher: str, sig: str, delay: float, grace: float)
                     proc.wait()
         exit_s = time.monotonic() - started
         run_id = (work / "run_id").read_text() if (work / "run_id").exists() else None
+        urls = (work / "urls").read_text().split() if (work / "urls").exists() else []
         deadline = time.monotonic() + grace
         while True:  # what is left once the grace period is over (or earlier, when nothing is)
+            servers = llama_servers(tag)
             left = {
-                "servers": sorted(llama_servers() - before["servers"]),
+                "servers": sorted(servers),
                 "containers": containers_of(run_id) if launcher == "docker" else [],
-                "gpu_processes": sorted(gpu_processes() - before["gpu"]),
-                "ports": sorted(listening_ports() - before["ports"]),
-                "watchdogs": sorted(watchdogs()),
+                "gpu_processes": sorted(gpu_processes() & (servers | {proc.pid})),
+                "ports": answering(urls),
+                "watchdogs": sorted(watchdogs(proc.pid)),
             }
             if not any(left.values()) or time.monotonic() > deadline:
                 break
