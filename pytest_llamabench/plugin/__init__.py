@@ -190,7 +190,7 @@ def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer, Workl
 
     def run(server: RunningServer, workload: Workload) -> ResultEntry:
         runner = benchmark.runner(request)
-        entry = measure(server, workload, runner=runner, settings=state.measuring)
+        entry = measure(server, workload, runner=runner, settings=state.measuring, progress=state.bench.progress)
         thresholds = server.config.thresholds_for(workload.name, workload.load.group if workload.load else None)
         for mark in item.iter_markers("llamabench_thresholds"):
             thresholds = thresholds.merged(_marker_thresholds(mark, item.nodeid))
