@@ -182,7 +182,8 @@ class Workload:
         if self.timeout_s is not None:
             return self.timeout_s
         queued = self.load.in_flight if self.load else 1  # a request may wait for all the others in flight
-        return 30.0 + 0.05 * (self.prompt_tokens + self.n_predict) * self.turns * queued
+        images = 60.0 * self.images if self.kind == "vision" else 0.0  # a CPU encode of an image: tens of seconds
+        return 30.0 + images + 0.05 * (self.prompt_tokens + self.n_predict) * self.turns * queued
 
     def applies_to(self, config: ServerConfig) -> bool:
         """Does ``config`` run this workload? ``configs`` globs; a vision workload needs an mmproj."""
