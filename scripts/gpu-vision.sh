@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=120
 export LLAMABENCH_SERVER_BIN=${LLAMABENCH_SERVER_BIN:-$HOME/.cache/pytest-llamabench/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server}
 ls ~/.cache/pytest-llamabench/synthetic-models/Qwen3-30B-A3B-synthetic-Q4_K_M.gguf >/dev/null || \
     python3 -m pytest_llamabench synth-model --shape qwen3-30b-a3b --quant q4_k_m --vocab .carry/ggml-vocab-qwen2.gguf
-python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider benchmarks/ -m gpu \
+python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider benchmarks/test_matrix.py -m gpu \
     --llamabench-matrix=configs/vision-gpu.toml --llamabench-json="$OUT/report.json" \
     --llamabench-log-dir="$OUT/logs" -q 2>&1 | tail -30 | tee "$OUT/pytest.txt"
 grep -h "slice encoded\|decoded (batch\|clip_model_loader: model name\|CUDA0 compute buffer" "$OUT"/logs/*.log | head -20 > "$OUT/encode-lines.txt"
