@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from subprocess import Popen as _Popen  # bound now: a test that fakes subprocess.Popen fakes servers only
 
 _LOCK = threading.Lock()
 _WATCHDOG: Watchdog | None = None
@@ -60,7 +61,7 @@ class Watchdog:
         if also_watch:
             cmd += ["--also-watch", also_watch]
         try:  # it forks once more and says the daemon's PID: no child of ours lingers as a zombie
-            with subprocess.Popen(
+            with _Popen(
                 cmd, stdin=read_fd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                 start_new_session=True, close_fds=True, env={**os.environ, "PYTHONPATH": _import_path()},
             ) as starter:  # fmt: skip
@@ -108,8 +109,9 @@ def watch_controller_too(token: str) -> None:
 
 
 def track_process(pid: int) -> None:
-    """A local server was started in process group ``pid``."""
-    watchdog().send(f"+ {pid} {process_start(pid) or '-'}")
+    """A local server was started in process group ``pid`` (one already gone is not registered)."""
+    if (start := process_start(pid)) is not None:
+        watchdog().send(f"+ {pid} {start}")
 
 
 def untrack_process(pid: int) -> None:
@@ -144,7 +146,7 @@ def _alive(token: str) -> bool:
 
 def _kill_groups(groups: dict[int, str]) -> None:
     for pid, start in list(groups.items()):
-        if start != "-" and process_start(pid) != start:
+        if process_start(pid) != start:
             continue  # gone, or the PID is someone else's now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
