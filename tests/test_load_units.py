@@ -237,3 +237,18 @@ def test_readme_blocks_render_from_committed_reports(tmp_path: Path) -> None:
                                "client_vs_server_pct_max": 3.0}}  # fmt: skip
     (tmp_path / "h.json").write_text(json.dumps(overhead))
     assert "| Some CPU | np8 | 8 | 150.0 | 0.050 | 1.90 | 2.5% | 0.40% / 1.00% / 3.00% |" in tables.harness_load(str(tmp_path / "h.json"))
+
+
+def test_the_gate_judges_a_levels_aggregate_tok_s_and_p99_ttft() -> None:
+    from pytest_llamabench.gate import REGRESSED, compare
+    from pytest_llamabench.results import RunReport
+
+    def run(agg: list[float], ttft_p99: list[float]) -> RunReport:
+        e = entry("a", 8, 0, 0)
+        e.metrics = {"agg_tok_s": Summary.of(agg), "ttft_p99_ms": Summary.of(ttft_p99)}
+        return RunReport(results=[e])
+
+    base = run([100, 101, 99, 100, 102, 98], [500, 510, 490, 505, 495, 500])
+    slower = run([70, 71, 69, 70, 72, 68], [900, 910, 890, 905, 895, 900])
+    verdicts = {(r.workload, r.metric): r.verdict for r in compare(base, slower).rows}
+    assert verdicts[("load-c8", "agg_tok_s")] == REGRESSED and verdicts[("load-c8", "ttft_p99_ms")] == REGRESSED
