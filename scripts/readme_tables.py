@@ -110,7 +110,16 @@ def harness_load(*paths: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def quality_ladder(path: str) -> str:
+    """The quant quality table of a run report."""
+    from pytest_llamabench.outputs import quality_table
+
+    rows = quality_table.build_rows(RunReport.load(REPO / path).per_unit())
+    return f"From `{path}`:\n\n" + quality_table.render(rows, markdown=True)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "quality-ladder": lambda: quality_ladder("docs/quality/report.json"),
     # issue 17: blocks to add to README.md once the reports are committed under docs/concurrency/
     "concurrency-cpu": lambda: load_curves("docs/concurrency/cpu/report.json"),
     "concurrency-gpu": lambda: load_curves("docs/concurrency/gpu/concurrency-gpu.json"),

@@ -207,6 +207,11 @@ def _compare_result(
             if tolerance is not None and (a or b):
                 starts = min(int(base.extra.get("starts", 1)), int(new.extra.get("starts", 1)))
                 known = METRICS.get(metric)
+                if known is not None and known.deterministic:  # perplexity, KLD: no noise model (gate/exact.py)
+                    from pytest_llamabench.gate.exact import compare_exact
+
+                    rows.append(compare_exact(a, b, tolerance, config=key[0], workload=key[1], metric=metric))
+                    continue
                 server_noise = known is not None and known.per_repetition and known is not TIME_S
                 row = compare_samples(a, b, tolerance, alpha=alpha, config=key[0], workload=key[1], metric=metric,
                                       units="starts" if starts > 1 else "repetitions",

@@ -18,8 +18,9 @@ def check_thresholds(entry: ResultEntry, thresholds: Thresholds) -> None:
         if measured is None:
             misses.append(f"{key} = {limit:g} {unit}: {metric} was not measured (no GPU?)")
         elif not metric.passes(measured, limit):
-            misses.append(f"{metric} {'peak' if metric.peak else 'median'} {measured:.1f} {unit}, "
-                          f"required {key} = {limit:g} {unit}")  # fmt: skip
+            shown = f"{measured:.4g}" if metric.deterministic else f"{measured:.1f}"  # KLD 0.0123 is not 0.0
+            misses.append(f"{metric} {'peak' if metric.peak else 'median'} {shown}{' ' + unit if unit else ''}, "
+                          f"required {key} = {limit:g}{' ' + unit if unit else ''}")  # fmt: skip
     if not misses:
         return
     load = entry.host_load or {}

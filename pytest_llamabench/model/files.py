@@ -178,6 +178,15 @@ class _Cursor:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+def _known_types() -> frozenset[int]:
+    from gguf.constants import GGMLQuantizationType
+
+    return frozenset(t.value for t in GGMLQuantizationType)
+
+
+_KNOWN_TYPES = _known_types()
+
+
 def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
     """Header, metadata and tensor infos; checks that every tensor's data is inside the file."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -197,6 +206,8 @@ def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
                 name = cur.string()
                 dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
                 qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
+                if qtype not in _KNOWN_TYPES:  # newer than the gguf package (llama.cpp's Q2_0): size unknown, not checked
+                    continue
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
                 tensor_infos.append((name, offset + math.prod(dims) // block * type_size))
             alignment = int(meta.get("general.alignment") or 32)

@@ -58,6 +58,8 @@ class Row:
             return "WINNER"
         if self.busy:
             return "busy host: not ranked"
+        if self.excluded:
+            return self.excluded
         if self.tie:
             return "tie (within noise)"
         if self.all_passed:
@@ -77,11 +79,13 @@ def build_rows(results: Iterable[ResultEntry], descriptions: Mapping[str, str] |
 
 
 def build_table(
-    results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None, *, partial: str | None = None
+    results: Iterable[ResultEntry], descriptions: Mapping[str, str] | None = None, *, partial: str | None = None,
+    exclude: Mapping[str, str] | None = None,
 ) -> tuple[list[Row], list[str], WinnerVerdict]:
     """Rows, workload columns and the winner verdict, from one entry per config x workload.
 
-    ``partial`` (why the results are incomplete) names no winner."""
+    ``partial`` (why the results are incomplete) names no winner; ``exclude`` (config -> why, e.g.
+    its model failed the quality thresholds) keeps those configs out of the ranking."""
     rows: dict[str, Row] = {}
     workloads: list[str] = []
     for result in results:
@@ -135,10 +139,6 @@ def _problem(result: ResultEntry) -> str:
     return f"{outcome}: {reason[:60]}" if reason else str(outcome)
 
 
-def _vram_cell(row: Row) -> str:
-    """The summed peak; with several GPUs also each GPU's own peak: ``13412 (6710 + 6702)``."""
-    if not row.vram_mib:
-        return "—"
 def _planned(result: ResultEntry) -> str | None:
     plan = (result.extra.get("memory") or {}).get("plan") if isinstance(result.extra.get("memory"), dict) else None
     if not isinstance(plan, dict):
@@ -147,6 +147,10 @@ def _planned(result: ResultEntry) -> str | None:
     return f"{gpu} / {plan.get('host_total_mib', '—')}" + (" (no fit)" if plan.get("fits") is False else "")
 
 
+def _vram_cell(row: Row) -> str:
+    """The summed peak; with several GPUs also each GPU's own peak: ``13412 (6710 + 6702)``."""
+    if not row.vram_mib:
+        return "—"
     per_gpu = [v for v in row.vram_by_device.values() if v]
     return f"{row.vram_mib:.0f} ({' + '.join(f'{v:.0f}' for v in per_gpu)})" if len(per_gpu) > 1 else f"{row.vram_mib:.0f}"
 
@@ -154,19 +158,19 @@ def _planned(result: ResultEntry) -> str | None:
 def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, verdict: WinnerVerdict | None = None) -> str:
     headers = ["Config", *[w.replace("-", " ").title().replace(" ", "-") for w in workloads],
                "RSS (MiB)", "VRAM (MiB)", "Status"]  # fmt: skip
+    planned = any(row.planned for row in rows)  # the memory plan beside the measurement (model/plan.py)
+    if planned:
+        headers.insert(-1, "Plan VRAM / RSS (MiB)")
     body = []
     for row in rows:
         cells = [f"**{row.config}**" if (markdown and row.winner) else row.config]
         cells += [f"{row.gen_tok_s[w]:.1f}" if w in row.gen_tok_s else "—" for w in workloads]
-    planned = any(row.planned for row in rows)  # the memory plan beside the measurement (model/plan.py)
-    if planned:
-        headers.insert(-1, "Plan VRAM / RSS (MiB)")
         cells += [f"{row.rss_mib:.0f}" if row.rss_mib else "—", _vram_cell(row)]
+        cells += [row.planned or "—"] if planned else []
         cells.append(f"**{row.status}**" if (markdown and row.winner) else row.status)
         body.append(cells)
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        cells += [row.planned or "—"] if planned else []
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         tail = f"\n\n**{verdict.line()}**" if verdict else ""
         return "\n".join(lines) + f"{tail}\n\nGeneration tok/s (median). {WINNER_RULE}.\n"

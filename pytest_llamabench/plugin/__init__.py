@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -15,11 +15,12 @@ from pytest_llamabench.measure.thresholds import check_thresholds
 from pytest_llamabench.plugin import benchmark, options, workers
 from pytest_llamabench.plugin.progress import ProgressHooks, ProgressXdistHooks
 from pytest_llamabench.plugin.reporting import ENTRY, ReportHooks, phase_entry
+from pytest_llamabench.plugin.quality import QUALITY, NoServer, QualityRuns, is_quality
 from pytest_llamabench.plugin.run import RunState
-from pytest_llamabench.plugin.xdist import XdistHooks
-from pytest_llamabench.results import ResultEntry
 from pytest_llamabench.plugin.search import llama_search
 from pytest_llamabench.plugin.search import parametrize as parametrize_searches
+from pytest_llamabench.plugin.xdist import XdistHooks
+from pytest_llamabench.results import ResultEntry
 
 STATE = pytest.StashKey[RunState]()
 
@@ -42,6 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except LlamabenchError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[STATE] = state
+    config.stash[QUALITY] = QualityRuns(state)
     if state.is_worker:  # two workers can run one config (--dist load; loadgroup on pytest 9.2, see
         # pytest-xdist#1386): each needs its own logs, or a server is found at the other's URL
         state.bench.settings.log_dir /= str(config.workerinput["workerid"])  # type: ignore[attr-defined]
@@ -68,8 +70,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
         return None  # reported by pytest_configure
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    state = session.config.stash[STATE]
 def _register_progress(config: pytest.Config, state: RunState) -> None:
     """Progress lines on the controller (plugin/progress.py); live repetition status without xdist."""
     if state.matrix is None or options.value(config, "progress")[0] == "off" or config.get_verbosity() <= -2:
@@ -84,6 +84,8 @@ def _register_progress(config: pytest.Config, state: RunState) -> None:
         state.bench.progress = hooks.callback
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = session.config.stash[STATE]
     if state.is_controller:
         notice = benchmark.under_xdist_notice(session.config)
         shares = workers.describe_workers(session.config, state.selected_configs()) if state.matrix else None
@@ -126,6 +128,7 @@ def _expected_oom(reason: str) -> pytest.MarkDecorator:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _deselect_inapplicable(config, items)
+    config.stash[QUALITY].plan(items)  # quality workloads run before their config's server
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
     for item in items:
         if item.get_closest_marker("llamabench_oom") and not item.get_closest_marker("xfail"):
@@ -164,11 +167,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session")
-def llama_server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+def llama_server(request: pytest.FixtureRequest) -> Iterator[RunningServer | NoServer]:
     """One llama-server per config, shared by every test of that config (indirect param)."""
     config = getattr(request, "param", None)
     if not isinstance(config, ServerConfig):
         raise pytest.UsageError("llama_server is parametrized by the llamabench plugin; load a matrix")
+    quality = request.config.stash[QUALITY]
+    quality.run_before_server(config)  # llama-perplexity first: the previous config's server is gone, this one not up
+    if not quality.needs_server(config):
+        yield NoServer(config)
+        return
     with request.config.stash[STATE].bench.launch(config) as running:
         yield running
 
@@ -183,14 +191,19 @@ def llama_workload(request: pytest.FixtureRequest) -> Workload:
 
 
 @pytest.fixture
-def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer, Workload], ResultEntry]:
+def llamabench(request: pytest.FixtureRequest) -> Callable[[RunningServer | NoServer, Workload], ResultEntry]:
     """``llamabench(llama_server, llama_workload)``: measure, record, check thresholds."""
     item = request.node
     state = request.config.stash[STATE]
 
-    def run(server: RunningServer, workload: Workload) -> ResultEntry:
-        runner = benchmark.runner(request)
-        entry = measure(server, workload, runner=runner, settings=state.measuring, progress=state.bench.progress)
+    def run(server: RunningServer | NoServer, workload: Workload) -> ResultEntry:
+        runner = None
+        if is_quality(workload):  # measured by llama-perplexity before the server started (plugin/quality.py)
+            entry = request.config.stash[QUALITY].result(server.config, workload)
+        else:
+            runner = benchmark.runner(request)
+            entry = measure(cast(RunningServer, server), workload, runner=runner, settings=state.measuring,
+                            progress=state.bench.progress)  # fmt: skip
         thresholds = server.config.thresholds_for(workload.name, workload.load.group if workload.load else None)
         for mark in item.iter_markers("llamabench_thresholds"):
             thresholds = thresholds.merged(_marker_thresholds(mark, item.nodeid))
