@@ -3,6 +3,7 @@ before sending, and the plugin's throughput-vs-latency table and report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pytest_llamabench.config_load import LoadLevel, Slo
 from pytest_llamabench.errors import ConfigError, MeasurementInvalid
 from pytest_llamabench.measure.load import LoadSample
 from pytest_llamabench.measure.workload import run_workload
-from pytest_llamabench.server.launcher import LocalServer
+from pytest_llamabench.server.launcher import LocalServer, Server
 from pytest_llamabench.server.stream_async import AsyncStreams
 
 from .conftest import MATRIX_TEST
@@ -43,7 +44,7 @@ def level_workload(prompt: int = 16, n: int = 16, **load: Any) -> Workload:
                     load=level)  # fmt: skip
 
 
-def samples(server: LocalServer, workload: Workload) -> list[LoadSample]:
+def samples(server: Server, workload: Workload) -> list[LoadSample]:
     out = run_workload(server, workload).samples
     assert all(isinstance(s, LoadSample) for s in out)
     return out  # type: ignore[return-value]
@@ -61,6 +62,13 @@ def test_closed_loop_runs_the_streams_at_once_with_exact_work(server: LocalServe
     # once) and by the server (busy slots in /slots)
     assert max(s.gen_overlap_max for s in got) >= 2
     assert max(s.slots_busy_max or 0 for s in got) >= 2
+
+
+def test_busy_slots_come_from_metrics_when_the_server_has_them(config: ServerConfig, server_bin: Path, tmp_path: Path) -> None:
+    with LocalServer(dataclasses.replace(config, args=("--metrics",)), binary=server_bin, log_dir=tmp_path) as srv:
+        assert srv.props.get("endpoint_metrics") is True
+        got = samples(srv, level_workload(concurrency=2, requests=4))
+    assert max(s.slots_busy_max or 0 for s in got) >= 1  # llamacpp:requests_processing, read while they ran
 
 
 def test_open_loop_sends_at_poisson_arrivals(server: LocalServer) -> None:
