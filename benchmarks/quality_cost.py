@@ -4,7 +4,7 @@ Runs the quality workload of a matrix (default ``configs/quality.toml``) twice, 
 through ``quality.run.run_quality`` with a fresh cache: first the reference config (computes and
 caches the reference logits), then a candidate (KL divergence against them); then both again.
 Prints and writes (``--out``) per run: wall seconds, tokens scored, seconds per 1k tokens (wall,
-and llama-perplexity's own prompt-eval time), and whether the reference was computed or taken
+and without llama-perplexity's model load), and whether the reference was computed or taken
 from the cache. Needs a quiet machine: do not run it next to other work.
 
     python benchmarks/quality_cost.py --out docs/quality/cost-cpu.json                  # 2-core VM
@@ -29,7 +29,7 @@ from pytest_llamabench.config import load_matrix
 from pytest_llamabench.quality.run import QualitySettings, run_quality
 from pytest_llamabench.server.build import BuildSpec, resolve_server_bin
 
-_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+_LOAD = re.compile(r"load time =\s*([\d.]+) ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=Path, default=Path(__file__).parents[1] / "configs" / "quality.toml")
     parser.add_argument("--workload", default="quality")
     parser.add_argument("--reference-config", default="Q4_1")
-    parser.add_argument("--candidate", default="Q2_K")
+    parser.add_argument("--candidate", default="Q4_K_M")
     parser.add_argument("--server-bin", help="a llama-server whose build dir holds llama-perplexity (default: the pinned CPU build)")
     parser.add_argument("--gpu", action="store_true", help="gpu = true, n_gpu_layers = 99 for both configs")
     parser.add_argument("--chunks", type=int, help="override the workload's chunks")
@@ -82,15 +82,17 @@ def _row(round_: int, config: str, metrics: dict[str, Any], facts: dict[str, Any
     reference = facts.get("reference") or {}
     chunks = facts.get("chunks") or 0
     scored = chunks * ctx  # tokens evaluated (each chunk is one full context)
-    eval_ms = eval_tokens = None
+    load_s = None  # llama-perplexity's model load, from its log (only a run that ran has one)
     if facts.get("log") and Path(facts["log"]).is_file():
-        if m := _EVAL.search(Path(facts["log"]).read_text(errors="replace")):
-            eval_ms, eval_tokens = float(m.group(1)), int(m.group(2))
+        if m := _LOAD.search(Path(facts["log"]).read_text(errors="replace")):
+            load_s = float(m.group(1)) / 1000
+    tool_s = facts.get("seconds")
+    compute = tool_s - load_s if tool_s and load_s is not None else None
     return {
         "round": round_, "config": config, "role": facts.get("role"), "wall_s": round(wall, 3),
         "tool_s": facts.get("seconds"), "tokens": scored,
         "wall_s_per_1k_tokens": round(wall / scored * 1000, 3) if scored else None,
-        "eval_s_per_1k_tokens": round(eval_ms / eval_tokens, 3) if eval_ms and eval_tokens else None,
+        "load_s": load_s, "compute_s_per_1k_tokens": round(compute / scored * 1000, 3) if compute and scored else None,
         "reference_cached": reference.get("cached"), "reference_s": reference.get("seconds"),
         "ppl": metrics["ppl"].median if "ppl" in metrics else None,
         "kld_mean": metrics["kld_mean"].median if "kld_mean" in metrics else None,
