@@ -7,9 +7,9 @@ Prints and writes (``--out``) per run: wall seconds, tokens scored, seconds per 
 and without llama-perplexity's model load), and whether the reference was computed or taken
 from the cache. Needs a quiet machine: do not run it next to other work.
 
-    python benchmarks/quality_cost.py --out docs/quality/cost-cpu.json                  # 2-core VM
+    python benchmarks/quality_cost.py --chunks 16 --out docs/quality/cost-cpu.json      # quiet 2-core VM
     python benchmarks/quality_cost.py --server-bin ~/.cache/pytest-llamabench/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server \
-        --gpu --chunks 16 --out docs/quality/cost-h200.json                               # H200
+        --gpu --chunks 64 --out docs/quality/cost-h200.json                               # H200
 """
 
 from __future__ import annotations
