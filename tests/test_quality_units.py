@@ -208,3 +208,22 @@ def test_gate_flags_a_one_sample_kld_regression() -> None:
     rows = {r.metric: r for r in compare(base, new, tolerances=Tolerances(), fingerprint="warn").rows}
     assert rows["kld_mean"].verdict == REGRESSED  # one sample per side, and still a verdict
     assert rows["ppl"].verdict == NO_CHANGE and rows["same_top_p_pct"].verdict == NO_CHANGE
+
+
+def test_the_users_quality_rows(tmp_path: Path) -> None:
+    """configs/qwen35-35b-a3b.toml: Q8_0 reference, Q4_K_M and UD-Q4_K_XL run only the quality
+    workload, the speed configs only theirs, and the reference logits come from the Q8_0 row's flags."""
+    from types import SimpleNamespace
+
+    from pytest_llamabench.plugin.quality import QualityRuns
+
+    matrix = load_matrix([Path(__file__).parents[1] / "configs" / "qwen35-35b-a3b.toml"], models_dir=tmp_path)
+    quality = matrix.workloads["quality"]
+    assert quality.quality is not None and quality.quality.reference is not None
+    assert quality.quality.reference.name == "q8_0" and quality.quality.corpus.endswith("wikitext-2-raw/wiki.test.raw")
+    runs = {name: [w.name for w in matrix.workloads.values() if w.applies_to(c)] for name, c in matrix.configs.items()}
+    assert runs["Q8_0"] == runs["Q4_K_M"] == runs["UD-Q4_K_XL"] == ["quality"]
+    assert "quality" not in runs["C7"] and "short" in runs["C7"]
+    assert matrix.configs["UD-Q4_K_XL"].thresholds["*"].limits == {"max_ppl_increase_pct": 5.0}
+    chosen = QualityRuns(SimpleNamespace(matrix=matrix))._reference_config(quality)  # type: ignore[arg-type]
+    assert chosen is not None and chosen.name == "Q8_0"  # not C1, the first config of that model
