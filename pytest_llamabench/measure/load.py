@@ -179,12 +179,19 @@ async def _repetition(server: Server, workload: Workload, level: LoadLevel, path
     async with AsyncStreams(base_url, api_key=server.api_key, timeout_s=client.request_timeout_s,
                             timeout_hint=client.timeout_hint, connections=level.in_flight + 1) as streams:  # fmt: skip
 
+        stop = asyncio.Event()
+
         async def poll() -> None:
-            while slot_source is not None:
+            # never cancelled mid-request: a cancelled GET leaves its socket to the garbage
+            # collector (an "unclosed transport" ResourceWarning on Python 3.12); it is told to stop
+            while slot_source is not None and not stop.is_set():
                 busy = await streams.busy_slots(slot_source)
                 if busy is not None:
                     polled.append(busy)
-                await asyncio.sleep(SLOT_POLL_S)
+                try:
+                    await asyncio.wait_for(stop.wait(), SLOT_POLL_S)
+                except TimeoutError:
+                    pass
 
         def send(i: int) -> Awaitable[StreamResult]:
             return streams.completion(path, bodies[i])
@@ -196,11 +203,8 @@ async def _repetition(server: Server, workload: Workload, level: LoadLevel, path
             else:
                 results = await _open_loop(send, arrivals(level, index))
         finally:
-            poller.cancel()
-            try:
-                await poller
-            except asyncio.CancelledError:
-                pass
+            stop.set()
+            await poller
     return results, polled
 
 
