@@ -3,7 +3,7 @@
 For each of N pairs, K fresh servers per side (``--starts``, interleaved A A' B A A' B ...)
 run the same workload (R repetitions after a warmup):
 
-* A   the base config (``base`` of configs/default.toml: 2 threads, the embedded SmolLM2 Q4_1);
+* A   the base config (``base`` of configs/full.toml: 2 threads, the embedded SmolLM2 Q4_1);
 * A'  the same config again, fresh servers: "identical" pair A vs A';
 * B   a real slowdown of the same config: "slow" pair A vs B.
 
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warmup repetitions per server (default 1)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--n-predict", type=int, default=48)
-    p.add_argument("--matrix", type=Path, default=REPO / "configs/default.toml")
+    p.add_argument("--matrix", type=Path, default=REPO / "configs/full.toml")
     p.add_argument("--config", default="base", help="config A (default: base)")
     p.add_argument("--threads", type=int, help="override config A's threads (B keeps the same, except threads1)")
     p.add_argument("--slow", choices=SLOWDOWNS, default="quota", help="how B is slower (default quota)")

@@ -51,7 +51,7 @@ def cpu_seconds() -> float:
 
 
 def client_vs_server(binary: Path, n_predict: int, reps: int) -> dict[str, Any]:
-    matrix = load_matrix([REPO / "configs/default.toml"])
+    matrix = load_matrix([REPO / "configs/full.toml"])
     workload = Workload("bench", prompt_tokens=32, n_predict=n_predict, repetitions=reps, warmup=1)
     with tempfile.TemporaryDirectory() as logs, LocalServer(matrix.configs["base"], binary=binary, log_dir=Path(logs)) as server:
         wall0, cpu0 = time.perf_counter(), cpu_seconds()

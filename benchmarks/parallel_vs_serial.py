@@ -1,5 +1,5 @@
 """Do parallel results match serial ones? One matrix run with ``pytest -n 2`` against one with
-``-n 0``, both with the same VRAM budget (scripts/gpu-parallel.sh makes them on 2 GPUs).
+``-n 0``, both with the same VRAM budget (scripts/gpu-session.sh makes them on 2 GPUs).
 
     python benchmarks/parallel_vs_serial.py SERIAL.json PARALLEL.json \\
         [--noise docs/noise/gpu/noise.json --noise-config C7] [--out table.md]

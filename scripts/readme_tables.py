@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_llamabench.outputs.table import build_table, render
+from pytest_llamabench.outputs.table import render, speed_table
 from pytest_llamabench.results import RunReport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def _load(path: str) -> Any:
 def results_table(path: str) -> str:
     """The results table of a run report, with today's winner rule."""
     report = RunReport.load(REPO / path)
-    rows, workloads, verdict = build_table(report.per_unit())
+    rows, workloads, verdict = speed_table(report.per_unit())
     return f"From `{path}`:\n\n" + render(rows, workloads, markdown=True, verdict=verdict)
 
 
@@ -118,13 +118,54 @@ def quality_ladder(path: str) -> str:
     return f"From `{path}`:\n\n" + quality_table.render(rows, markdown=True)
 
 
+def committed_markdown(path: str) -> str:
+    """A table a benchmark script wrote as markdown beside its JSON (e.g. parallel_vs_serial.py)."""
+    return f"From `{path}`:\n\n" + (REPO / path).read_text().strip() + "\n"
+
+
+def quality_cost(*paths: str) -> str:
+    """benchmarks/quality_cost.py: seconds per 1k scored tokens, and the cached reference reused."""
+    lines = ["| machine | config | round | reference | wall s / 1k tokens | llama-perplexity compute s / 1k tokens | report |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        data = _load(path)
+        where = "H200 (CUDA)" if "cuda" in str(data.get("server_bin")) else "2-core VM (CPU)"
+        for run in data["runs"]:
+            compute = run.get("compute_s_per_1k_tokens")
+            lines.append(f"| {where} | {run['config']} ({run['role']}) | {run['round']} | "
+                         f"{'from the cache' if run['reference_cached'] else 'computed'} | {run['wall_s_per_1k_tokens']:.2f} | "
+                         f"{'—' if compute is None else f'{compute:.2f}'} | `{path}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def interruptions(path: str) -> str:
+    data = _load(path)
+    return f"From `{path}`:\n\n" + str(data["table"]).strip() + "\n"
+
+
+def hash_cost(path: str) -> str:
+    """benchmarks/hash_cost.py: sha256 throughput in memory, from disk (cold) and from the page cache."""
+    data = _load(path)
+    what = {"cpu": "in memory (the CPU alone)", "cold": "from disk (page cache dropped)", "warm": "from the page cache"}
+    facts = data["facts"]
+    lines = [f"From `{path}` ({facts['size_gb']:.0f} GB file, {facts['runs']} runs, {facts['openssl']}):", "",
+             "| sha256 | GB/s | a 20 GB model takes |", "|---|---|---|"]  # fmt: skip
+    for kind, row in data["summary"].items():
+        lines.append(f"| {what.get(kind, kind)} | {row['gb_per_s']:.2f} | {row['seconds_for_20_gb']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "quality-cost": lambda: quality_cost("docs/quality/cost-cpu.json", "docs/quality/cost-h200.json"),
+    "parallel-vs-serial": lambda: committed_markdown("docs/parallel/parallel-vs-serial.md"),
+    "qwen35-plan": lambda: committed_markdown("docs/qwen35-run/plan-table.md"),
+    "interruptions": lambda: interruptions("docs/interruptions/interruptions.json"),
+    "hash-cost": lambda: hash_cost("docs/hash-cost/hash-cost.json"),
     "quality-ladder": lambda: quality_ladder("docs/quality/report.json"),
-    # issue 17: blocks to add to README.md once the reports are committed under docs/concurrency/
     "concurrency-cpu": lambda: load_curves("docs/concurrency/cpu/report.json"),
-    "concurrency-gpu": lambda: load_curves("docs/concurrency/gpu/concurrency-gpu.json"),
+    "concurrency-gpu": lambda: load_curves("docs/concurrency/gpu/report.json"),
     "harness-load": lambda: harness_load("docs/concurrency/cpu/harness-overhead.json",
-                                         "docs/concurrency/gpu/harness-overhead-gpu.json"),  # fmt: skip
+                                         "docs/concurrency/gpu/harness-overhead.json"),  # fmt: skip
     "gpu-matrix": lambda: results_table("docs/gpu-run/synthetic-matrix-16GiB.json"),
     "default-matrix": lambda: results_table("docs/default-run/report.json"),
     "start-spread": lambda: start_spread("docs/noise/start-spread-knobs.json", "docs/noise/start-spread-strict.json"),

@@ -26,8 +26,8 @@ def error(tmp_path: Path, text: str) -> str:
     return str(info.value)
 
 
-def test_default_matrix_is_valid_and_varies_what_the_user_varied() -> None:
-    matrix = load_matrix([REPO / "configs/default.toml"])
+def test_full_matrix_is_valid_and_varies_what_the_user_varied() -> None:
+    matrix = load_matrix([REPO / "configs/full.toml"])
     assert len(matrix.configs) >= 7
     assert list(matrix.workloads) == ["short", "medium", "long", "multi-turn"]
     values = {key: {str(c.server.get(key)) for c in matrix.configs.values()}
@@ -37,6 +37,22 @@ def test_default_matrix_is_valid_and_varies_what_the_user_varied() -> None:
     assert any("n_cpu_moe" in c.server for c in matrix.configs.values())
     oom = [c for c in matrix.configs.values() if c.expect == "oom"]
     assert len(oom) == 1 and isinstance(oom[0].server["ctx"], HostMemoryContext)
+
+
+def test_quick_default_matrix_shows_every_feature_once() -> None:
+    """The README's main command (issue 18): every workload kind, a quality row with a quant
+    that fails it, an expected OOM, and the configs the winner rule chooses between."""
+    matrix = load_matrix([REPO / "configs/default.toml"])
+    kinds = {w.kind for w in matrix.workloads.values()}
+    assert {"completion", "chat", "perplexity", "vision", "template"} <= kinds, kinds
+    assert any(w.load is not None for w in matrix.workloads.values())
+    assert [c.name for c in matrix.configs.values() if c.expect == "oom"] == ["oom-ctx"]
+    quality = matrix.workloads["quality"]
+    assert quality.quality is not None and quality.quality.reference is not None
+    assert quality.quality.reference.name == "smollm2"
+    assert {"base", "q4km", "q2"} <= set(quality.configs)
+    assert matrix.configs["q2"].model.quantize is not None  # made by llama-quantize, fails quality
+    assert matrix.configs["vlm"].model.mmproj is not None
 
 
 def test_extends_defaults_and_pinned_server_defaults(tmp_path: Path) -> None:

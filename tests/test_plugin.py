@@ -37,7 +37,7 @@ def test_collect_only_shows_stable_ids() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "benchmarks/test_matrix.py::test_workload[base-short]" in out.stdout
     assert "benchmarks/test_matrix.py::test_workload[kv-q8-multi-turn]" in out.stdout
-    assert "benchmarks/test_matrix.py::test_workload[oom-ctx-long]" in out.stdout
+    assert "benchmarks/test_matrix.py::test_workload[oom-ctx-short]" in out.stdout
 
 
 def test_repo_short_config_option_selects(tmp_path: Path) -> None:

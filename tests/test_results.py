@@ -180,6 +180,17 @@ def test_with_several_starts_the_interval_over_starts_decides() -> None:
     assert verdict.winner is None and verdict.ci is not None and verdict.ci[0] < 1 < verdict.ci[1]
 
 
+def test_configs_measured_on_other_workloads_are_not_rivals() -> None:
+    """A vision-only config's tok/s is of other work: it is neither winner nor runner-up."""
+    results = [entry("a", "short", [120.0]), entry("a", "long", [100.0]),
+               entry("b", "short", [100.0]), entry("b", "long", [90.0]),
+               entry("vlm", "vision", [500.0])]  # fmt: skip
+    rows, _, verdict = build_table(results)
+    assert (verdict.best, verdict.runner_up, verdict.not_compared) == ("a", "b", ("vlm",))
+    assert verdict.winner == "a" and "not compared, other workloads: vlm" in verdict.line()
+    assert {r.config: r.status for r in rows}["vlm"] == "Done"
+
+
 def test_a_busy_measurement_is_never_ranked() -> None:
     busy = entry("noop", "w", [300.0], host_load={"busy": True, "other_cores": 0.9})
     rows, _, verdict = build_table([busy, entry("base", "w", [100.0])])

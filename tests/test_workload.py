@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server(server_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    config = load_matrix([REPO / "configs/default.toml"]).configs["base"]
+    config = load_matrix([REPO / "configs/full.toml"]).configs["base"]
     with LocalServer(config, binary=server_bin, log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 

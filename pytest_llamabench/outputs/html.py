@@ -21,7 +21,7 @@ from typing import Any
 from pytest_llamabench.errors import LlamabenchError
 from pytest_llamabench.metrics import METRICS
 from pytest_llamabench.outputs.kinds import speed_results
-from pytest_llamabench.outputs.table import WINNER_RULE, Row, build_table
+from pytest_llamabench.outputs.table import WINNER_RULE, Row, speed_table
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
 
 #: Top-level report keys that are drawn by a section of their own (or are plumbing).
@@ -56,7 +56,7 @@ class Page:
     @functools.cached_property
     def table(self) -> tuple[list[Row], list[str], Any]:
         units = speed_results(self.units)
-        return build_table(units, {u.config: u.description for u in units if u.config and u.description})
+        return speed_table(self.units, {u.config: u.description for u in units if u.config and u.description})
 
     def figure(self, name: str) -> str:
         chart = self.charts.get(name)

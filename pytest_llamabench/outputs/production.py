@@ -202,9 +202,9 @@ def verdict_of(report: RunReport) -> dict[str, Any]:
     stored = report.extra.get("winner")
     if isinstance(stored, Mapping) and "best" in stored:
         return dict(stored)
-    from pytest_llamabench.outputs.table import build_table
+    from pytest_llamabench.outputs.table import speed_table
 
-    _, _, verdict = build_table(speed_results(report.per_unit()))
+    _, _, verdict = speed_table(report.per_unit())
     return verdict.as_dict()
 
 

@@ -123,6 +123,16 @@ def build_table(
     return list(rows.values()), workloads, verdict
 
 
+def speed_table(units: list[ResultEntry], descriptions: Mapping[str, str] | None = None, *,
+                partial: str | None = None) -> tuple[list[Row], list[str], WinnerVerdict]:
+    """The results table of a run, as the run prints it: speed results only (quality and load
+    have tables of their own), configs whose model is NOT RECOMMENDED kept out of the ranking."""
+    from pytest_llamabench.outputs.kinds import speed_results
+    from pytest_llamabench.outputs.quality_table import excluded
+
+    return build_table(speed_results(units), descriptions, partial=partial, exclude=excluded(units))
+
+
 def _problem(result: ResultEntry) -> str:
     failure, outcome = result.failure, result.outcome
     if failure is not None and failure.kind == "oom":

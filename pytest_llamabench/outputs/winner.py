@@ -45,8 +45,15 @@ class WinnerVerdict:
     starts: int = 1
     reason: str = ""
     partial: str | None = None
+    not_compared: tuple[str, ...] = ()  # passed, but measured on other workloads than the candidates
 
     def line(self) -> str:
+        text = self._line()
+        if self.not_compared:
+            text += f" (not compared, other workloads: {', '.join(self.not_compared)})"
+        return text
+
+    def _line(self) -> str:
         if self.partial:
             return f"no winner from a partial run: {self.partial}"
         if self.best is None:
@@ -61,6 +68,7 @@ class WinnerVerdict:
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "ci": list(self.ci) if self.ci else None, "line": self.line(),
+                "not_compared": list(self.not_compared),
                 "noise_floor": NOISE_FLOOR, "confidence": CONFIDENCE}  # fmt: skip
 
 
@@ -69,6 +77,24 @@ def decide(candidates: Sequence[Candidate], *, seed: int = 0, partial: str | Non
     A partial run (``partial`` says why) names no winner."""
     if partial:
         return WinnerVerdict(None, None, partial=partial)
+    candidates, others = comparable(candidates)
+    verdict = _decide(candidates, seed)
+    return dataclasses.replace(verdict, not_compared=others) if others else verdict
+
+
+def comparable(candidates: Sequence[Candidate]) -> tuple[list[Candidate], tuple[str, ...]]:
+    """Configs are ranked on the same workloads only: those that ran the widest set of workloads
+    (ties: the most common set). A config measured on other workloads (a vision-only config, say)
+    is no rival: its mean tok/s is of other work. Returns (comparable, names left out)."""
+    if not candidates:
+        return [], ()
+    sets = [frozenset(c.samples) for c in candidates]
+    widest = max(sets, key=lambda s: (len(s), sets.count(s)))
+    keep = [c for c in candidates if frozenset(c.samples) == widest]
+    return keep, tuple(c.config for c in candidates if frozenset(c.samples) != widest)
+
+
+def _decide(candidates: Sequence[Candidate], seed: int) -> WinnerVerdict:
     ranked = sorted(candidates, key=lambda c: c.mean, reverse=True)
     if not ranked:
         return WinnerVerdict(None, None)

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_llamabench.bench import RunningServer, measure
 from pytest_llamabench.config import ServerConfig, Thresholds, Workload
-from pytest_llamabench.errors import LlamabenchError, ServerOutOfMemory
+from pytest_llamabench.errors import LlamabenchError, ServerOutOfMemory, ThresholdNotMet
 from pytest_llamabench.measure.thresholds import check_thresholds
 from pytest_llamabench.plugin import benchmark, options, workers
 from pytest_llamabench.plugin.progress import ProgressHooks, ProgressXdistHooks
@@ -131,8 +131,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[QUALITY].plan(items)  # quality workloads run before their config's server
     config.stash[STATE].expected_tests = sum("llama_server" in getattr(i, "fixturenames", ()) for i in items)
     for item in items:
+        _expect_not_recommended(item)
         if item.get_closest_marker("llamabench_oom") and not item.get_closest_marker("xfail"):
             item.add_marker(_expected_oom(f"@pytest.mark.llamabench_oom on {item.nodeid}"))
+
+
+def _expect_not_recommended(item: pytest.Item) -> None:
+    """``expect = "not-recommended"``: the config's quality workloads must fail their quality
+    thresholds (a strict xfail: a quant that unexpectedly passes is XPASS); its speed workloads run
+    as usual and the winner rule leaves it out."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    server, workload = params.get("llama_server"), params.get("llama_workload")
+    if isinstance(server, ServerConfig) and isinstance(workload, Workload) and server.expect == "not-recommended" \
+            and workload.kind == "perplexity":  # fmt: skip
+        item.add_marker(pytest.mark.xfail(raises=ThresholdNotMet, strict=True,
+                                          reason=f'expected NOT RECOMMENDED (expect = "not-recommended" in {server.source})'))
 
 
 def _deselect_inapplicable(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,7 +24,7 @@ from pytest_llamabench.outputs import markdown
 from pytest_llamabench.outputs import load_table
 from pytest_llamabench.preflight import architecture_problems
 from pytest_llamabench.outputs import quality_table
-from pytest_llamabench.outputs.table import build_table, render
+from pytest_llamabench.outputs.table import render, speed_table
 from pytest_llamabench.plugin import options
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
 from pytest_llamabench.server.build import BuildSpec
@@ -314,10 +314,7 @@ class RunState:
         if self.report.interrupted:
             done = len(self.report.results)
             partial = f"interrupted ({self.report.interrupted}): {done} of {self.expected_tests or '?'} results"
-        plain = [e for e in self.report.per_unit() if not load_table.is_load(e)]  # load levels: their own table
-        plain = [e for e in plain if not quality_table.is_quality(e)]  # quant quality too
-        exclude = quality_table.excluded(self.report.per_unit())  # a NOT RECOMMENDED model never wins
-        rows, workloads, verdict = build_table(plain, descriptions, partial=partial, exclude=exclude)
+        rows, workloads, verdict = speed_table(self.report.per_unit(), descriptions, partial=partial)
         self.report.extra["winner"] = verdict.as_dict()
         from pytest_llamabench.outputs.production import winner_footer  # the winner as a production config
 
