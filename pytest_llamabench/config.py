@@ -26,7 +26,7 @@ from pytest_llamabench.config_load import LOAD_KEYS, LoadLevel, has_load, load_l
 from pytest_llamabench.config_quality import QualitySpec, QuantizeSpec, strip_quality_keys, with_quality, with_quantized
 from pytest_llamabench.config_toml import Table as _Table
 from pytest_llamabench.config_toml import read_toml as _read_toml
-from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.errors import ConfigError, ModelLoadError
 from pytest_llamabench.measure.kinds import KINDS
 from pytest_llamabench.metrics import THRESHOLDS
 from pytest_llamabench.model.template import chat_template_args, resolve_chat_template
@@ -107,10 +107,10 @@ class ModelSpec:
 
         if self.path is not None:
             return self.path
-        if self.quantize is not None:
-            from pytest_llamabench.quality.quantize import quantized_path
-
-            return quantized_path(self)
+        if self.quantize is not None:  # quality.quantize.materialize makes the file and sets path
+            raise ModelLoadError(f"{self.source}: the quantized model {self.name!r} has not been made yet; it is made "
+                                 "with llama-quantize before its config's first launch (run the matrix through "
+                                 "pytest-llamabench)")  # fmt: skip
         assert self.embedded is not None
         return embedded_model_path(self.embedded, where=self.source)
 

@@ -62,7 +62,7 @@ def recorder(sessions: Path) -> str:
     """An inner conftest: each inner process (controller, xdist workers) appends its PID and run id."""
     return f"""
 import json, os
-from pytest_llamabench.plugin import STATE
+from pytest_llamabench.plugin.run import STATE
 
 def pytest_sessionstart(session):
     bench = session.config.stash[STATE]

@@ -10,19 +10,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from pytest_llamabench.gate.rows import IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, REGRESSED, Row
 from pytest_llamabench.gate.tolerances import Tolerance
-
-if TYPE_CHECKING:
-    from pytest_llamabench.gate.verdicts import Row
 
 
 def compare_exact(base: Sequence[float], new: Sequence[float], tolerance: Tolerance, *, config: str, workload: str,
                   metric: str) -> Row:  # fmt: skip
     """The gate's row for one deterministic metric of a (config, workload)."""
-    from pytest_llamabench.gate.verdicts import IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, REGRESSED, Row
-
     row = Row(config, workload, metric, INCONCLUSIVE, n_base=len(base), n_new=len(new), tolerance=str(tolerance),
               units="exact")  # fmt: skip
     if not base:

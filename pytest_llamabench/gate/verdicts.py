@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.gate.exact import compare_exact
 from pytest_llamabench.gate.fingerprint import (
     FINGERPRINT_POLICIES,
     FingerprintMismatch,
@@ -24,20 +25,12 @@ from pytest_llamabench.gate.fingerprint import (
     fingerprint_mismatches,
     refusal,
 )
+from pytest_llamabench.gate.rows import IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, OUTCOME, REGRESSED, VERDICTS, Row
 from pytest_llamabench.gate.statistics import bootstrap_ratio_ci, mann_whitney_u, min_exact_p, min_repetitions
 from pytest_llamabench.gate.tolerances import Tolerance, Tolerances
 from pytest_llamabench.metrics import METRICS, TIME_S, higher_is_better
 from pytest_llamabench.results import FAILING_OUTCOMES, ResultEntry, RunReport
 
-REGRESSED = "regressed"
-IMPROVED = "improved"
-NO_CHANGE = "no change"
-INCONCLUSIVE = "inconclusive"
-NEW = "new"
-#: Verdicts in the order the summary line lists them.
-VERDICTS = (REGRESSED, IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE)
-#: The ``metric`` of a row about a result's outcome rather than a measurement.
-OUTCOME = "outcome"
 #: Below this many samples on either side no test or interval is computed.
 MIN_SAMPLES = 3
 #: Relative standard deviation of one server start's median, assumed where it cannot be
@@ -48,35 +41,6 @@ START_NOISE = 0.08
 _Z_POWER = 0.8416
 
 Pair = tuple[str, str]
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One line of the comparison: a metric of a (config, workload), or its outcome."""
-
-    config: str
-    workload: str
-    metric: str
-    verdict: str
-    reason: str = ""
-    base_median: float | None = None
-    new_median: float | None = None
-    ratio: float | None = None
-    p_value: float | None = None
-    ci: tuple[float, float] | None = None
-    n_base: int = 0
-    n_new: int = 0
-    tolerance: str = ""
-    #: what a sample is: a server start's median ("starts") or a repetition of one server
-    units: str = "repetitions"
-    #: the smallest relative change this comparison detects (80 % power at alpha)
-    mde: float | None = None
-    base_outcome: str | None = None
-    new_outcome: str | None = None
-    fingerprint_differs: bool = False
-
-    def sort_key(self) -> tuple[str, str, bool, str]:
-        return self.config, self.workload, self.metric != OUTCOME, self.metric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +172,6 @@ def _compare_result(
                 starts = min(int(base.extra.get("starts", 1)), int(new.extra.get("starts", 1)))
                 known = METRICS.get(metric)
                 if known is not None and known.deterministic:  # perplexity, KLD: no noise model (gate/exact.py)
-                    from pytest_llamabench.gate.exact import compare_exact
 
                     rows.append(compare_exact(a, b, tolerance, config=key[0], workload=key[1], metric=metric))
                     continue

@@ -16,13 +16,12 @@ from pytest_llamabench.plugin import benchmark, options, workers
 from pytest_llamabench.plugin.progress import ProgressHooks, ProgressXdistHooks
 from pytest_llamabench.plugin.reporting import ENTRY, ReportHooks, phase_entry
 from pytest_llamabench.plugin.quality import QUALITY, NoServer, QualityRuns, is_quality
-from pytest_llamabench.plugin.run import RunState
+from pytest_llamabench.plugin.run import STATE, RunState
 from pytest_llamabench.plugin.search import llama_search
 from pytest_llamabench.plugin.search import parametrize as parametrize_searches
 from pytest_llamabench.plugin.xdist import XdistHooks
 from pytest_llamabench.results import ResultEntry
 
-STATE = pytest.StashKey[RunState]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

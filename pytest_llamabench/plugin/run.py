@@ -371,6 +371,10 @@ class RunState:
         return sections
 
 
+#: The run's state, in ``config.stash`` (the controller's or a worker's).
+STATE = pytest.StashKey[RunState]()
+
+
 def _log(config: pytest.Config, message: str) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:

@@ -60,7 +60,7 @@ def run_search(config: ServerConfig, state: Any, log: Callable[[str], None]) -> 
 @pytest.fixture
 def llama_search(request: pytest.FixtureRequest) -> Callable[[], SearchResult]:
     """``llama_search()``: run this item's search; the result (every probe) goes in the report."""
-    from pytest_llamabench.plugin import STATE
+    from pytest_llamabench.plugin.run import STATE
 
     config = getattr(request, "param", None)
     if not isinstance(config, ServerConfig) or config.search is None:

@@ -30,14 +30,6 @@ def _name(source_sha256: str, qtype: str, build: str) -> str:
     return f"{source_sha256[:16]}-{qtype}-{build[:12]}.gguf"
 
 
-def quantized_path(model: ModelSpec) -> Path:
-    """A quantized model has a file only once ``materialize`` made it (that sets its path)."""
-    raise ModelLoadError(
-        f"{model.source}: the quantized model {model.name!r} has not been made yet; it is made with "
-        "llama-quantize before its config's first launch (run the matrix through pytest-llamabench)"
-    )
-
-
 def materialize(config: ServerConfig, server_binary: Path, server_where: str,
                 log: Callable[[str], None] = print) -> ServerConfig:  # fmt: skip
     """``config`` with its model's file made (and its path set) when the model is quantized."""
@@ -81,4 +73,4 @@ def make_quantized(model: ModelSpec, tool: Tool, *, log: Callable[[str], None] =
     return out
 
 
-__all__ = ["make_quantized", "materialize", "quant_dir", "quantized_path"]
+__all__ = ["make_quantized", "materialize", "quant_dir"]
