@@ -187,32 +187,42 @@ def _known_types() -> frozenset[int]:
 _KNOWN_TYPES = _known_types()
 
 
+def read_gguf_tables(buf: mmap.mmap) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """A GGUF's metadata, its tensor table (name, dims, type id, data offset) and where tensor data
+    starts. Raises ValueError/struct.error on a malformed header."""
+    if buf[:4] != GGUF_MAGIC:
+        raise ValueError("not a GGUF file")
+    cur = _Cursor(buf)
+    cur.pos = 8
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.scalar("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.scalar("<Q") for _ in range(cur.scalar("<I")))
+        qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
+        tensors.append((name, dims, qtype, offset))
+    alignment = int(meta.get("general.alignment") or 32)
+    return meta, tensors, -(-cur.pos // alignment) * alignment
+
+
 def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
     """Header, metadata and tensor infos; checks that every tensor's data is inside the file."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            cur = _Cursor(buf)
-            cur.pos = 8
-            n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                meta[key] = cur.value(cur.scalar("<I"))
-            end = 0
-            tensor_infos = []
-            for _ in range(n_tensors):
-                name = cur.string()
-                dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-                qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
-                if qtype not in _KNOWN_TYPES:  # newer than the gguf package (llama.cpp's Q2_0): size unknown, not checked
-                    continue
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-                tensor_infos.append((name, offset + math.prod(dims) // block * type_size))
-            alignment = int(meta.get("general.alignment") or 32)
-            data_start = -(-cur.pos // alignment) * alignment
-            end = max((data_start + stop for _, stop in tensor_infos), default=data_start)
+            meta, tensors, data_start = read_gguf_tables(buf)
+        tensor_infos = []
+        for name, dims, qtype, offset in tensors:
+            if qtype not in _KNOWN_TYPES:  # newer than the gguf package (llama.cpp's Q2_0): size unknown, not checked
+                continue
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            tensor_infos.append((name, offset + math.prod(dims) // block * type_size))
+        end = max((data_start + stop for _, stop in tensor_infos), default=data_start)
     except (ValueError, struct.error, KeyError, OverflowError) as exc:
         raise ModelLoadError(
             f"{where}: {path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
@@ -239,7 +249,7 @@ def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
         n_head_kv=int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
         key_length=int(meta.get(f"{arch}.attention.key_length") or head_dim),
         value_length=int(meta.get(f"{arch}.attention.value_length") or head_dim),
-        tensor_count=n_tensors,
+        tensor_count=len(tensors),
         metadata=meta,
     )
 

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import mmap
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -86,28 +87,17 @@ class ModelTensors:
 def _read(path: Path, size: int, mtime_ns: int) -> ModelTensors:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from pytest_llamabench.model.files import _Cursor
+    from pytest_llamabench.model.files import read_gguf_tables
 
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueError("not a GGUF file")
-            cur = _Cursor(buf)
-            cur.pos = 8
-            n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                meta[key] = cur.value(cur.scalar("<I"))
-            tensors = []
-            for _ in range(n_tensors):
-                name = cur.string()
-                ne = tuple(cur.scalar("<Q") for _ in range(cur.scalar("<I")))
-                qtype = GGMLQuantizationType(cur.scalar("<I"))
-                cur.scalar("<Q")  # offset
-                block, type_size = GGML_QUANT_SIZES[qtype]
-                tensors.append(Tensor(name, ne, qtype.name, math.prod(ne) // block * type_size))
-    except (OSError, ValueError, KeyError) as exc:
+            meta, table, _ = read_gguf_tables(buf)
+        tensors = []
+        for name, ne, type_id, _offset in table:
+            qtype = GGMLQuantizationType(type_id)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            tensors.append(Tensor(name, ne, qtype.name, math.prod(ne) // block * type_size))
+    except (OSError, ValueError, KeyError, struct.error) as exc:
         raise ModelLoadError(f"{path}: cannot read its tensor table ({exc}); is it a complete GGUF file?") from None
     return _model(meta, tensors, str(path))
 

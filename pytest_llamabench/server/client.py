@@ -164,18 +164,30 @@ def _sse_events(lines: Iterator[str], path: str) -> Iterator[dict[str, Any]]:
     for line in lines:
         if not line.startswith("data: "):
             continue
-        data = line[len("data: ") :]
-        if data == "[DONE]":
+        event = parse_event(line[len("data: ") :], path)
+        if event is None:
             return
-        try:
-            event = json.loads(data)
-        except ValueError as exc:
-            raise RequestFailed(f"POST {path}: malformed stream event {data[:200]!r}") from exc
-        if not isinstance(event, dict):
-            raise RequestFailed(f"POST {path}: stream event is not an object: {data[:200]!r}")
-        if "error" in event:
-            raise RequestFailed(f"POST {path}: server error in stream: {_short(event['error'])}")
         yield event
+
+
+def parse_event(data: str, path: str) -> dict[str, Any] | None:
+    """One ``data:`` payload of a stream (sync or async client); None at ``[DONE]``."""
+    if data == "[DONE]":
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise RequestFailed(f"POST {path}: malformed stream event {data[:200]!r}") from exc
+    if not isinstance(event, dict):
+        raise RequestFailed(f"POST {path}: stream event is not an object: {data[:200]!r}")
+    if "error" in event:
+        raise RequestFailed(f"POST {path}: server error in stream: {_short(event['error'])}")
+    return event
+
+
+def stream_tokens(event: dict[str, Any], native: bool) -> tuple[int, str]:
+    """Tokens and text of one event: ``/completion`` (its ``tokens`` array) or ``/v1/completions``."""
+    return _completion_tokens(event) if native else _oai_text_tokens(event)
 
 
 def _completion_tokens(event: dict[str, Any]) -> tuple[int, str]:

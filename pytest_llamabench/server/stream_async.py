@@ -9,7 +9,6 @@ the server's slot use is read from ``/metrics`` (when the server runs with ``--m
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 
 from pytest_llamabench.errors import RequestFailed, RequestTimedOut, StreamDroppedEarly
-from pytest_llamabench.server.client import StreamResult
+from pytest_llamabench.server.client import StreamResult, parse_event, stream_tokens
 
 _PROCESSING = re.compile(r"^llamacpp:requests_processing\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
@@ -64,10 +63,10 @@ class AsyncStreams:
                     if not line.startswith("data: "):
                         continue
                     now = time.perf_counter()
-                    event = _event(line[len("data: ") :], path)
+                    event = parse_event(line[len("data: ") :], path)
                     if event is None:
                         break
-                    n, piece = _tokens(event, native)
+                    n, piece = stream_tokens(event, native)
                     if n:
                         token_times.append(now)
                         client_tokens += n
@@ -102,29 +101,6 @@ class AsyncStreams:
         if not isinstance(slots, list):
             return None
         return sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
-
-
-def _event(data: str, path: str) -> dict[str, Any] | None:
-    """One ``data:`` payload of the stream; None at ``[DONE]``."""
-    if data == "[DONE]":
-        return None
-    try:
-        event = json.loads(data)
-    except ValueError as exc:
-        raise RequestFailed(f"POST {path}: malformed stream event {data[:200]!r}") from exc
-    if not isinstance(event, dict):
-        raise RequestFailed(f"POST {path}: stream event is not an object: {data[:200]!r}")
-    if "error" in event:
-        raise RequestFailed(f"POST {path}: server error in stream: {json.dumps(event['error'])[:300]}")
-    return event
-
-
-def _tokens(event: dict[str, Any], native: bool) -> tuple[int, str]:
-    if native:
-        return len(event.get("tokens") or []), str(event.get("content", ""))
-    choices = event.get("choices") or []
-    text = choices[0].get("text") if choices else None
-    return (1, str(text)) if text else (0, "")
 
 
 __all__ = ["AsyncStreams"]
