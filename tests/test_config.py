@@ -11,19 +11,9 @@ from pytest_llamabench.config import HostMemoryContext, load_matrix, parse_size
 from pytest_llamabench.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-HEAD = '[models.m]\npath = "m.gguf"\n[defaults]\nmodel = "m"\nctx = 512\n'
-
-
-def load(tmp_path: Path, text: str, **kw: object) -> object:
-    path = tmp_path / "m.toml"
-    path.write_text(HEAD + text)
-    return load_matrix([path], **kw)  # type: ignore[arg-type]
-
-
-def error(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
-    return str(info.value)
+from tests.matrices import HEAD
+from tests.matrices import config_error as error
+from tests.matrices import load_text as load
 
 
 def test_full_matrix_is_valid_and_varies_what_the_user_varied() -> None:
@@ -66,7 +56,7 @@ description = "parent"
 extends = "C2"
 n_cpu_moe = 32
 """)  # fmt: skip
-    c2a = matrix.configs["C2a"]  # type: ignore[attr-defined]
+    c2a = matrix.configs["C2a"]
     assert c2a.server["n_cpu_moe"] == 32 and c2a.server["cache_type_k"] == "q8_0"
     assert c2a.expect is None and c2a.description == ""  # not inherited: they describe one config
     args = c2a.server_args()
@@ -132,7 +122,7 @@ max_ttft_ms = 500
 [configs.a.thresholds.long]
 max_ttft_ms = 2000
 """)  # fmt: skip
-    config = matrix.configs["a"]  # type: ignore[attr-defined]
+    config = matrix.configs["a"]
     assert dict(config.thresholds_for("long").items()) == {"min_gen_tok_s": 10.0, "max_ttft_ms": 2000.0}
     assert dict(config.thresholds_for("short").items()) == {"min_gen_tok_s": 10.0, "max_ttft_ms": 500.0}
 
@@ -170,4 +160,4 @@ def test_a_directory_or_non_utf8_matrix_is_one_clear_error(tmp_path: Path) -> No
 
 def test_a_public_host_is_allowed_when_the_config_says_so(tmp_path: Path) -> None:
     matrix = load(tmp_path, '[configs.a]\nargs = ["--host", "0.0.0.0"]\nallow_public_host = true\n')
-    assert matrix.configs["a"].args == ("--host", "0.0.0.0")  # type: ignore[attr-defined]
+    assert matrix.configs["a"].args == ("--host", "0.0.0.0")

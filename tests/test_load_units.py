@@ -21,20 +21,18 @@ from pytest_llamabench.results import ResultEntry
 from pytest_llamabench.server.client import StreamResult
 from pytest_llamabench.stats import Summary
 
+from tests.matrices import config_error, load_text
+
 REPO = Path(__file__).resolve().parent.parent
 HEAD = '[models.m]\npath = "m.gguf"\n[defaults]\nmodel = "m"\nctx = 4096\n[configs.a]\n'
 
 
 def load(tmp_path: Path, text: str) -> Matrix:
-    path = tmp_path / "m.toml"
-    path.write_text(HEAD + text)
-    return load_matrix([path])
+    return load_text(tmp_path, text, HEAD)  # type: ignore[no-any-return]
 
 
 def error(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
-    return str(info.value)
+    return config_error(tmp_path, text, HEAD)
 
 
 # -- the matrix ---------------------------------------------------------------------

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pytest_llamabench.config import load_matrix
-from pytest_llamabench.errors import ConfigError
 
-HEAD = '[models.m]\npath = "m.gguf"\n[defaults]\nmodel = "m"\nctx = 512\n'
-
-
-def load(tmp_path: Path, text: str) -> Any:
-    path = tmp_path / "m.toml"
-    path.write_text(HEAD + text)
-    return load_matrix([path])
-
-
-def error(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
-    return str(info.value)
+from tests.matrices import config_error as error
+from tests.matrices import load_text as load
 
 
 def test_sweep_expands_into_named_configs_with_per_point_expected_oom(tmp_path: Path) -> None:
