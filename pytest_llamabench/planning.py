@@ -66,7 +66,7 @@ class LaunchPlan:
 
         host, source = host_bandwidth()
         gpu = gpu_bandwidth(self.gpu_index or 0) if self.inputs.gpu else None
-        return roofline(self.model, self.inputs, mean_position(workload), gpu_bandwidth=gpu, host_bandwidth=host,
+        return roofline(self.model, self.plan.placed or self.inputs, mean_position(workload), gpu_bandwidth=gpu, host_bandwidth=host,
                         host_source=source)  # fmt: skip
 
 

@@ -4,6 +4,7 @@ table of a real written GGUF."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_llamabench.model import synth
-from pytest_llamabench.model.plan import GIB, MIB, PlanInputs, compare, placement, plan, reported_buffers
+from pytest_llamabench.model.plan import GIB, MIB, PlanInputs, compare, placement, plan, predict_fit, reported_buffers
 from pytest_llamabench.model.roofline import bytes_per_token, roofline, tensor_read_bytes
 from pytest_llamabench.model.tensors import ModelTensors
 
@@ -105,6 +106,59 @@ def test_the_plan_predicts_the_committed_h100_run() -> None:
             vram, rss = result["metrics"]["vram_peak_mib"]["max"], result["metrics"]["rss_peak_mib"]["max"]
             assert abs(p.gpu_total / MIB - vram) < 0.05 * vram, name  # within 5 % of NVML's peak
             assert abs(p.host_total / MIB - rss) < 0.02 * rss, name
+
+
+QWEN35_RUN = REPO / "docs/qwen35-run/matrix.json"
+FIT = dict(USER, n_gpu_layers="auto", fit="on")
+
+
+def test_fit_on_is_predicted_as_llama_cpp_places_it_and_matches_the_committed_h200_run() -> None:
+    """C4r (Q8_0) and C8 (Q4_K_M) ran with --fit on under a 16 GiB budget on the H200: the plan of
+    fit's layout is within 3 % of the GPU weights the server reported and of NVML's peak."""
+    results = {r["config"]: r for r in json.loads(QWEN35_RUN.read_text())["results"]}
+    for name, quant in (("C4r", "q8_0"), ("C8", "q4_k_m")):
+        assert "--fit on" in " ".join(results[name]["server"]["args"])
+        model = ModelTensors.from_synthetic("qwen35-35b-a3b", quant)
+        p = plan(model, PlanInputs(**FIT), budget=16 * GIB, budget_source="VRAM budget")  # type: ignore[arg-type]
+        assert not p.fit_decides and p.fit.startswith("fit: experts of layers") and p.placed is not None
+        reported = results[name]["memory"]["reported_mib"]["gpu"]["weights"]
+        vram = results[name]["metrics"]["vram_peak_mib"]["max"]
+        assert abs(p.gpu["weights"] / MIB - reported) < 0.03 * reported, (name, p.gpu, reported)
+        assert abs(p.gpu_total / MIB - vram) < 0.03 * vram, (name, p.gpu_total / MIB, vram)
+        on = placement(model, p.placed)  # the last layers' experts go to the CPU, the first layers' stay
+        assert on["blk.0.ffn_up_exps.weight"] and not on["blk.39.ffn_up_exps.weight"]
+        assert on["blk.39.ffn_up_shexp.weight"] and on["output.weight"]  # only routed experts move
+
+
+def test_fit_moves_as_few_experts_as_the_target_allows_and_gives_up_where_llama_cpp_does() -> None:
+    model = ModelTensors.from_synthetic("qwen35-35b-a3b", "q4_k_m")
+    budget = 16 * GIB
+    fitted, what = predict_fit(model, PlanInputs(**FIT), budget)  # type: ignore[arg-type]
+    assert fitted is not None
+    total = plan(model, fitted, budget=budget).gpu_total
+    assert total <= budget - 1024 * MIB  # llama.cpp's default --fit-target leaves 1 GiB free
+    first_cpu = int(what.split("layers ")[1].split("-")[0])  # one more layer's experts on the GPU does not fit
+    more = dataclasses.replace(fitted, overrides=tuple(o for o in fitted.overrides if f"blk\\.{first_cpu + 1}\\." not in o))
+    assert plan(model, more, budget=budget).gpu_total > budget - 1024 * MIB
+    wider, _ = predict_fit(model, PlanInputs(**{**FIT, "fit_target_mib": 4096}), budget)  # type: ignore[arg-type]
+    assert wider is not None and plan(model, wider).gpu_total < total  # a bigger --fit-target keeps more on the CPU
+    everything, what = predict_fit(model, PlanInputs(**FIT), 80 * GIB)  # type: ignore[arg-type]
+    assert everything is not None and not everything.overrides and what == "fit: everything fits, nothing moved"
+    for given, why in ((dict(n_gpu_layers=99), "n_gpu_layers is set"), (dict(n_cpu_moe=24), "tensor overrides"),
+                       (dict(overrides=("exps=CPU",)), "tensor overrides")):  # fmt: skip
+        kept, what = predict_fit(model, PlanInputs(**{**FIT, **given}), budget)  # type: ignore[arg-type]
+        assert kept is not None and why in what and kept.n_cpu_moe == given.get("n_cpu_moe", 0)
+    unknown = plan(model, PlanInputs(**FIT))  # type: ignore[arg-type]  # no budget: llama.cpp decides at load
+    assert unknown.fit_decides and unknown.fits is None and "no VRAM budget" in unknown.line("C8")
+
+
+def test_fit_on_a_dense_model_gives_the_most_layers_that_fit() -> None:
+    model = ModelTensors.from_synthetic("tiny-qwen35moe", "q8_0")
+    dense = dataclasses.replace(model, n_expert=0)
+    full = plan(dense, PlanInputs(**{**USER, "n_gpu_layers": "all"})).gpu_total  # type: ignore[arg-type]
+    fitted, what = predict_fit(dense, PlanInputs(**FIT), full + 1024 * MIB - 1)  # type: ignore[arg-type]
+    assert fitted is not None and what.startswith("fit: -ngl ") and isinstance(fitted.n_gpu_layers, int)
+    assert fitted.n_gpu_layers < dense.n_layer + 1
 
 
 def test_reported_buffers_are_read_from_real_log_lines_and_compared() -> None:

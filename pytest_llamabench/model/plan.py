@@ -36,6 +36,18 @@ the NVML peaks (the compute term is the loose one), the host totals within 0.2 %
 Host memory (the server's peak RSS): CPU weights (the whole file when loaded with mmap, since
 loading touches every page), CPU KV, CPU compute and overhead.
 
+``--fit on`` is predicted, not left to "fit decides": ``predict_fit`` replays llama.cpp's
+``common/fit.cpp`` (pinned build) for one GPU against this plan's sizes. Fit changes nothing
+when the whole model fits ``budget - --fit-target`` (1024 MiB by default) and gives up when the
+user set ``-ngl``, ``-ot`` or ``--n-cpu-moe``. Otherwise, for an MoE model whose dense weights
+fit, it keeps every layer on the GPU and moves the routed experts of the *last* layers to the
+CPU (the opposite end from ``--n-cpu-moe``), as few as fit the target, then tries to keep part
+of one more layer's FFN on the GPU (up, then up+gate; else it moves that layer's whole FFN). A
+dense model, or an MoE model whose dense weights alone do not fit, gets the most layers
+(``-ngl``) that fit, with their experts on the CPU. Fit measures with llama.cpp's own buffer
+sizes; the prediction uses this plan's, so it is off by the plan's error near the target.
+Several GPUs, or an unset ctx that fit would shrink, are not predicted ("fit decides").
+
 The plan orders and prunes a search and says "will not fit" before a launch; it never
 replaces a launch as evidence.
 """
@@ -44,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pytest_llamabench.model.files import KV_TYPE_BYTES
@@ -56,6 +68,14 @@ GPU_CONTEXT_MIB = 450  # CUDA context + cuBLAS workspace per process (H100/H200,
 HOST_BASE_MIB = 40  # llama-server binary, runtime, tokenizer
 CUDA_HOST_MIB = 500  # host memory of the CUDA runtime and libraries (cuBLAS) in a GPU server
 EXPERT_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+FIT_TARGET_MIB = 1024  # llama.cpp's default --fit-target: the memory fit leaves free on each GPU
+#: common/fit.cpp get_overflow_pattern: the tensors of a partial layer that fit sends to the CPU
+_FIT_TO_CPU = {
+    "moe": r"blk\.{il}\.ffn_(up|down|gate_up|gate)_(ch|)exps",
+    "up": r"blk\.{il}\.ffn_(gate|gate_up|down).*",  # the up projection stays on the GPU
+    "gate": r"blk\.{il}\.ffn_down.*",  # up and gate stay on the GPU
+    "attn": r"blk\.{il}\.ffn_(gate|up|gate_up|down).*",  # the whole FFN (shared expert too) to the CPU
+}
 _GPU_BUFFER = re.compile(r"^(CUDA|ROCm|Vulkan|Metal|SYCL)\d*$")
 
 
@@ -75,6 +95,7 @@ class PlanInputs:
     flash_attn: str = "auto"
     load_mode: str = "auto"  # "none": no mmap
     fit: str = "off"
+    fit_target_mib: int = FIT_TARGET_MIB  # --fit-target (the first device's, when several are given)
 
 
 def inputs_of(config: Any, ctx: int | None = None) -> PlanInputs:
@@ -83,16 +104,19 @@ def inputs_of(config: Any, ctx: int | None = None) -> PlanInputs:
     value = server.get("ctx", 4096) if ctx is None else ctx
     overrides = list(config.override_tensor)
     args = list(config.args)
-    for i, arg in enumerate(args[:-1]):  # -ot given through raw args counts too
+    fit_target = FIT_TARGET_MIB
+    for i, arg in enumerate(args[:-1]):  # -ot and --fit-target given through raw args count too
         if arg in ("-ot", "--override-tensor"):
             overrides += args[i + 1].split(",")
+        elif arg in ("-fitt", "--fit-target") and re.match(r"^\d+", args[i + 1]):
+            fit_target = int(re.split(r"[,/]", args[i + 1])[0])
     return PlanInputs(
         gpu=bool(config.gpu), n_gpu_layers=server.get("n_gpu_layers", 0), n_cpu_moe=int(server.get("n_cpu_moe", 0)),
         overrides=tuple(overrides), ctx=value if isinstance(value, int) else 4096,
         parallel=int(server.get("parallel", 1)), ubatch=int(server.get("ubatch", 512)),
         cache_type_k=str(server.get("cache_type_k", "f16")), cache_type_v=str(server.get("cache_type_v", "f16")),
         flash_attn=str(server.get("flash_attn", "auto")), load_mode=str(server.get("load_mode", "auto")),
-        fit=str(server.get("fit", "off")),
+        fit=str(server.get("fit", "off")), fit_target_mib=fit_target,
     )  # fmt: skip
 
 
@@ -107,9 +131,11 @@ class MemoryPlan:
     n_layer: int
     budget: int | None = None  # bytes the GPU may use (the VRAM budget, or the card's memory)
     budget_source: str = ""
-    fit_decides: bool = False  # --fit on: llama.cpp chooses the split at load
+    fit_decides: bool = False  # --fit on, not predicted (see predict_fit): llama.cpp chooses the split at load
     notes: tuple[str, ...] = ()
     host_budget: int | None = None  # bytes the server may use on the host (a container's memory_limit)
+    fit: str = ""  # --fit on, predicted: what fit does (see predict_fit)
+    placed: PlanInputs | None = None  # the inputs the server runs with (fit's choice), when fit changed them
 
     @property
     def gpu_total(self) -> int:
@@ -131,7 +157,8 @@ class MemoryPlan:
     def line(self, name: str) -> str:
         """``C2: needs ≈ 21.6 GB on a 16 GB card: will not fit`` (or its host-only form)."""
         if self.fit_decides:
-            return f"{name}: --fit on decides the split at load; host ≈ {_gb(self.host_total)} at most"
+            why = f" ({self.notes[-1]})" if self.notes else ""
+            return f"{name}: --fit on decides the split at load{why}; host ≈ {_gb(self.host_total)} at most"
         if not self.gpu_total:
             limit = (f" of a {_gb(self.host_budget)} limit: {'fits' if self.fits else 'will not fit'}"
                      if self.host_budget else "")  # fmt: skip
@@ -139,6 +166,7 @@ class MemoryPlan:
         if self.budget is None:
             return f"{name}: needs ≈ {_gb(self.gpu_total)} of VRAM and ≈ {_gb(self.host_total)} of host memory"
         verdict = "fits" if self.fits else "will not fit"
+        name = f"{name} ({self.fit})" if self.fit else name
         return (f"{name}: needs ≈ {_gb(self.gpu_total)} on a {_gb(self.budget, 1 if self.budget % GIB else 0)} card ({self.budget_source}): "
                 f"{verdict} (weights {_gb(self.gpu['weights'])}, KV {_gb(self.gpu['kv'])}, compute "
                 f"{_gb(self.gpu['compute'])}; {self.expert_layers_on_gpu}/{self.n_layer} expert layers on the GPU)")  # fmt: skip
@@ -151,7 +179,8 @@ class MemoryPlan:
             "n_layer": self.n_layer, "budget_mib": round(self.budget / MIB) if self.budget else None,
             "budget_source": self.budget_source, "fits": self.fits, "fit_decides": self.fit_decides,
             "host_budget_mib": round(self.host_budget / MIB) if self.host_budget else None,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "fit": self.fit or None,
+            "fit_overrides": list(self.placed.overrides) if self.placed else None,
         }  # fmt: skip
 
 
@@ -193,6 +222,14 @@ def _ngl(inputs: PlanInputs, n_layer: int) -> int:
 def plan(model: ModelTensors, inputs: PlanInputs, *, budget: int | None = None, budget_source: str = "",
          host_budget: int | None = None) -> MemoryPlan:  # fmt: skip
     """The memory plan of ``model`` launched with ``inputs`` (see the module docstring)."""
+    if inputs.gpu and inputs.fit == "on":
+        fitted, what = predict_fit(model, inputs, budget)
+        if fitted is None:
+            return dataclasses.replace(plan(model, dataclasses.replace(inputs, fit="off"), budget=budget,
+                                            budget_source=budget_source, host_budget=host_budget),
+                                       fit_decides=True, notes=(what,))  # fmt: skip
+        fitted_plan = plan(model, fitted, budget=budget, budget_source=budget_source, host_budget=host_budget)
+        return dataclasses.replace(fitted_plan, fit=what, placed=fitted)
     on_gpu = placement(model, inputs)
     tensors = model.by_name()
     weights = {True: 0, False: 0}
@@ -222,8 +259,70 @@ def plan(model: ModelTensors, inputs: PlanInputs, *, budget: int | None = None, 
     if inputs.flash_attn == "off" and any_gpu:
         notes.append(f"flash attention off: the KQ matrix ({_gb(_kq_bytes(model, inputs, n_ctx))}) is in the compute buffer")
     return MemoryPlan(gpu, host, sum(layer_gpu.values()), experts_gpu, model.n_layer, budget if any_gpu else None,
-                      budget_source, fit_decides=inputs.gpu and (inputs.fit == "on" or inputs.n_gpu_layers == "auto"),
-                      notes=tuple(notes), host_budget=host_budget)  # fmt: skip
+                      budget_source, notes=tuple(notes), host_budget=host_budget)  # fmt: skip
+
+
+def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> tuple[PlanInputs | None, str]:
+    """What ``--fit on`` sets on one GPU (common/fit.cpp at the pinned build; module docstring):
+    the inputs the server then runs with, and a summary; ``None`` and why when it is not predicted."""
+    if budget is None:
+        return None, "no VRAM budget or GPU memory known to predict it from"
+    if inputs.n_gpu_layers != "auto":
+        return dataclasses.replace(inputs, fit="off"), "fit gives up: n_gpu_layers is set"
+    if inputs.overrides or inputs.n_cpu_moe:
+        return dataclasses.replace(inputs, fit="off"), "fit gives up: tensor overrides (-ot, --n-cpu-moe) are set"
+    base = dataclasses.replace(inputs, fit="off", n_gpu_layers="all")
+    target = budget - inputs.fit_target_mib * MIB
+
+    def fits(candidate: PlanInputs) -> bool:
+        return plan(model, candidate, budget=budget).gpu_total <= target
+
+    if fits(base):
+        return base, "fit: everything fits, nothing moved"
+    if not inputs.ctx:
+        return None, "fit would shrink the unset context first: not predicted"
+    total = model.n_layer + 1  # the output layer counts as the last "layer"
+
+    def layout(ngl: int, n_part: int, first: str = "moe") -> PlanInputs:
+        """``ngl`` layers on the GPU, the last ``n_part`` of them partial (their experts on the CPU)."""
+        start = total - n_part  # fit.cpp: il0 = hp_ngl + 1 - ngl, + the n_full whole layers
+        rules = [_FIT_TO_CPU[first if il == start else "moe"].format(il=il) + "=CPU"
+                 for il in range(start, min(total, model.n_layer + 1))]  # fmt: skip
+        return dataclasses.replace(base, n_gpu_layers=ngl, overrides=tuple(rules))
+
+    def most(low: int, high: int, ok: Callable[[int], bool]) -> int:
+        """The largest n in [low, high] with ok(n), given ok(low) (ok is monotone)."""
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if ok(mid) else (low, mid - 1)
+        return low
+
+    if not model.n_expert:
+        ngl = most(0, total, lambda n: fits(dataclasses.replace(base, n_gpu_layers=n)))
+        return dataclasses.replace(base, n_gpu_layers=ngl), f"fit: -ngl {ngl} of {total}"
+    dense = dataclasses.replace(base, overrides=(r"blk\.\d+\.ffn_(up|down|gate_up|gate)_(ch|)exps=CPU",))
+    if not fits(dense) or not fits(layout(total, total - 1)):  # step 3 only: the most dense-only layers, counted from the back
+        ngl = most(0, total, lambda n: n == 0 or fits(_dense_only(base, total, n)))
+        return _dense_only(base, total, ngl), f"fit: -ngl {ngl} of {total}, every expert on the CPU"
+    # step 4: whole layers from the front, the experts of the last n_part layers on the CPU
+    n_part = total - most(1, total, lambda full: fits(layout(total, total - full)))
+    chosen, first = layout(total, n_part), "moe"
+    if n_part:  # part of one more layer: up, then up + gate; else the whole FFN of that layer to the CPU
+        for fraction in (("up", "gate") if fits(layout(total, n_part, "up")) else ("attn",)):
+            if fits(candidate := layout(total, n_part, fraction)):
+                chosen, first = candidate, fraction
+    cpu_layers = [il for il in range(total - n_part, model.n_layer)]
+    where = f"layers {cpu_layers[0]}-{cpu_layers[-1]}" if len(cpu_layers) > 1 else f"layer {cpu_layers[0]}" if cpu_layers else "no layer"
+    kept = {"moe": "", "up": f"; layer {cpu_layers[0]} keeps its up projection", "gate":
+            f"; layer {cpu_layers[0]} keeps up and gate", "attn": f"; layer {cpu_layers[0]}'s whole FFN too"}[first] if cpu_layers else ""
+    return chosen, f"fit: experts of {where} on the CPU ({len(cpu_layers)} of {model.n_layer}{kept})"
+
+
+def _dense_only(base: PlanInputs, total: int, ngl: int) -> PlanInputs:
+    """fit.cpp step 3: ``ngl`` layers from the back on the GPU, all but the first of them without experts."""
+    start = total - ngl + 1
+    rules = tuple(_FIT_TO_CPU["moe"].format(il=il) + "=CPU" for il in range(start, total))
+    return dataclasses.replace(base, n_gpu_layers=ngl, overrides=rules)
 
 
 def _layer_on_gpu(model: ModelTensors, on_gpu: Mapping[str, bool], il: int) -> bool:
@@ -321,4 +420,5 @@ def plan_lines(plans: Sequence[tuple[str, MemoryPlan]]) -> list[str]:
     return [p.line(name) for name, p in plans]
 
 
-__all__ = ["MemoryPlan", "PlanInputs", "budget_of", "compare", "inputs_of", "placement", "plan", "reported_buffers"]
+__all__ = ["MemoryPlan", "PlanInputs", "budget_of", "compare", "inputs_of", "placement", "plan", "predict_fit",
+           "reported_buffers"]
