@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from pytest_llamabench.errors import LlamabenchError
-from pytest_llamabench.model.plan import MemoryPlan, PlanInputs, budget_of, compare, inputs_of, plan, reported_buffers
+from pytest_llamabench.model.plan import (
+    MemoryPlan,
+    PlanInputs,
+    budget_of,
+    compare,
+    inputs_of,
+    plan,
+    reported_buffers,
+    reported_fit,
+)
 from pytest_llamabench.model.roofline import mean_position, roofline
 from pytest_llamabench.model.tensors import ModelTensors
 
@@ -57,6 +66,8 @@ class LaunchPlan:
         reported = reported_buffers(log)
         out: dict[str, Any] = {"plan": self.plan.as_dict(), "reported_mib": reported,
                                "compare": compare(self.plan, reported, measured or {})}  # fmt: skip
+        if self.plan.fit or self.plan.fit_decides:  # --fit on: what fit itself chose, beside the prediction
+            out["reported_fit"] = reported_fit(log)
         if workload is not None:
             out["roofline"] = self.roofline(workload).as_dict(gen_tok_s)
         return out

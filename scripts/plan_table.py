@@ -3,14 +3,25 @@ and the auto-fit searches, from the reports of scripts/gpu-session.sh.
 
     python scripts/plan_table.py docs/qwen35-run/matrix.json [docs/qwen35-run/c4-nofit.json] \
         [--search docs/qwen35-run/search.json]
+    python scripts/plan_table.py --card-mib 16384 docs/qwen35-run/checks/matrix-12GiB-q8.json \
+        docs/qwen35-run/checks/matrix-12GiB-q4.json --workloads docs/qwen35-run/checks/workloads.json \
+        docs/qwen35-run/checks/checks.json --search docs/qwen35-run/checks/search-q8.json \
+        docs/qwen35-run/checks/search-q4.json > docs/qwen35-run/checks/tables.md
+
+``--card-mib``: the user's card; a run under a smaller VRAM budget then models a card on which
+other processes (a desktop's display server, browser) hold ``card - budget``: its table adds
+that to the measured peak, which is what nvidia-smi shows on such a card, beside the user's column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
+
+from pytest_llamabench.model.plan import FIT_TO_CPU, reported_fit
 
 #: The user's table (../shared/seed/qwen35-migration-session.md, RTX 5080 16 GB): VRAM (MB) and status.
 USER = {
@@ -31,6 +42,79 @@ def _entries(paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 def _cell(value: object, fmt: str = "{:.0f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else "—"
+
+
+def held_table(paths: list[Path], card_mib: int, logs: Path | None = None) -> str:
+    """The user's matrix under a budget below their card: measured + what other processes held, beside the user's column."""
+    entries = _entries(paths)
+    budgets = {json.loads(p.read_text())["fingerprint"].get("vram_budget_mib") for p in paths}
+    if len(budgets) != 1 or not isinstance(budget := budgets.pop(), int):
+        raise SystemExit(f"plan_table: --card-mib needs reports of one VRAM budget, got {sorted(map(str, budgets))}")
+    held = card_mib - budget
+    lines = [f"VRAM budget {budget} MiB = a {card_mib} MiB card with {held} MiB held by other processes:", "",
+             f"| Config | user VRAM (MB) | user status | measured VRAM (MiB) | + {held} held | vs user | plan VRAM (MiB) | "
+             "plan − measured | failed buffer (MiB) | plan of that buffer | --fit on: plan / server's own choice | outcome |",
+             "|" + "---|" * 12]  # fmt: skip
+    for name in USER:
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        memory = entry.get("memory") or {}
+        plan = memory.get("plan") or {}
+        vram = (entry.get("metrics", {}).get("vram_peak_mib") or {}).get("max")
+        user_vram, user_status = USER[name]
+        total = vram + held if vram else None
+        versus = f"{100 * (total - user_vram) / user_vram:+.1f} %" if total and user_vram else "—"
+        diff = f"{100 * (plan['gpu_total_mib'] - vram) / vram:+.1f} %" if vram and plan.get("gpu_total_mib") else "—"
+        detail = ((entry.get("failure") or {}).get("detail")) or {}
+        buffer = detail.get("buffer")
+        key = {"model": "weights", "kv cache": "kv", "compute": "compute"}.get(str(buffer))
+        planned_buffer = (plan.get("gpu_mib") or {}).get(key) if key else None
+        outcome = entry["outcome"] + (f" [{entry['failure']['kind']}]" if entry.get("failure") else "")
+        lines.append(f"| {name} | {_cell(user_vram)} | {user_status} | {_cell(vram)} | {_cell(total)} | {versus} | "
+                     f"{_cell(plan.get('gpu_total_mib') or None)} | {diff} | {_cell(detail.get('requested_mib'))} {buffer or ''} | "
+                     f"{_cell(planned_buffer)} | {_fit(entry, logs)} | {outcome} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _fit(entry: dict[str, Any], logs: Path | None) -> str:
+    """``15 partial (up) / 15 partial (gate)``: the plan's fit layout beside the one fit logged (from the
+    report, or from the server log in ``logs``: reports written before the report carried it)."""
+    memory = entry.get("memory") or {}
+    plan = memory.get("plan") or {}
+    planned, logged = plan.get("fit_layout"), memory.get("reported_fit")
+    if planned is None and plan.get("fit_overrides"):
+        rules = plan["fit_overrides"]
+        first = next((k for k, v in FIT_TO_CPU.items() if re.fullmatch(re.escape(v).replace(re.escape("{il}"), r"\d+")
+                                                                          + "=CPU", rules[0])), "moe")  # fmt: skip
+        planned = {"n_partial": len(rules), "first_partial": first}
+    log = logs / Path(entry.get("server", {}).get("log", "")).name if logs else None
+    if logged is None and log is not None and log.is_file():
+        logged = reported_fit(log.read_text(errors="replace"))
+    if not planned and not logged:
+        return "—"
+    return " / ".join(f"{x['n_partial']} partial ({x['first_partial']})" if x else "—" for x in (planned, logged))
+
+
+def workloads_table(paths: list[Path]) -> str:
+    """The server's VRAM peak after each workload (one server per config runs them in order)."""
+    rows: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for path in paths:
+        for entry in json.loads(path.read_text())["results"]:
+            if not entry.get("workload"):
+                continue
+            row = rows.setdefault(entry["config"], {"plan": ((entry.get("memory") or {}).get("plan") or {}).get("gpu_total_mib"),
+                                                    "outcome": set(), "args": entry.get("server", {}).get("args", [])})  # fmt: skip
+            row[entry["workload"]] = (entry.get("metrics", {}).get("vram_peak_mib") or {}).get("max")
+            row["outcome"].add(entry["outcome"])
+            order += [w for w in [entry["workload"]] if w not in order]
+    lines = ["| Config | " + " | ".join(f"after {w} (MiB)" for w in order) + " | plan (MiB) | outcomes |",
+             "|" + "---|" * (len(order) + 3)]  # fmt: skip
+    for name, row in rows.items():
+        cells = " | ".join(_cell(row.get(w)) for w in order)
+        lines.append(f"| {name} | {cells} | {_cell(row['plan'])} | {', '.join(sorted(row['outcome']))} |")
+    return "\n".join(lines)
 
 
 def matrix_table(paths: list[Path]) -> str:
@@ -57,9 +141,9 @@ def matrix_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def search_tables(path: Path) -> str:
+def search_tables(paths: list[Path]) -> str:
     out = []
-    for entry in json.loads(path.read_text())["results"]:
+    for entry in (e for path in paths for e in json.loads(path.read_text())["results"]):
         search = entry.get("search")
         if not search:
             continue
@@ -76,10 +160,16 @@ def search_tables(path: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("reports", nargs="*", type=Path, help="matrix reports (the first config entry of each wins)")
-    parser.add_argument("--search", type=Path, help="the search report")
+    parser.add_argument("--search", type=Path, nargs="+", help="search reports")
+    parser.add_argument("--card-mib", type=int, help="the user's card: the reports' budget models it with the rest held")
+    parser.add_argument("--workloads", type=Path, nargs="+", help="reports whose VRAM peak after each workload to tabulate")
+    parser.add_argument("--logs", type=Path, help="the reports' server logs (for what --fit on chose)")
     args = parser.parse_args()
     if args.reports:
-        print(matrix_table(args.reports))
+        print(held_table(args.reports, args.card_mib, args.logs) if args.card_mib else matrix_table(args.reports))
+        print()
+    if args.workloads:
+        print(workloads_table(args.workloads))
         print()
     if args.search:
         print(search_tables(args.search))

@@ -159,6 +159,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "quality-cost": lambda: quality_cost("docs/quality/cost-cpu.json", "docs/quality/cost-h200.json"),
     "parallel-vs-serial": lambda: committed_markdown("docs/parallel/parallel-vs-serial.md"),
     "qwen35-plan": lambda: committed_markdown("docs/qwen35-run/plan-table.md"),
+    "qwen35-checks": lambda: committed_markdown("docs/qwen35-run/checks/tables.md"),
     "interruptions": lambda: interruptions("docs/interruptions/interruptions.json"),
     "hash-cost": lambda: hash_cost("docs/hash-cost/hash-cost.json"),
     "quality-ladder": lambda: quality_ladder("docs/quality/report.json"),

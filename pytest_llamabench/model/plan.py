@@ -70,7 +70,7 @@ CUDA_HOST_MIB = 500  # host memory of the CUDA runtime and libraries (cuBLAS) in
 EXPERT_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 FIT_TARGET_MIB = 1024  # llama.cpp's default --fit-target: the memory fit leaves free on each GPU
 #: common/fit.cpp get_overflow_pattern: the tensors of a partial layer that fit sends to the CPU
-_FIT_TO_CPU = {
+FIT_TO_CPU = {
     "moe": r"blk\.{il}\.ffn_(up|down|gate_up|gate)_(ch|)exps",
     "up": r"blk\.{il}\.ffn_(gate|gate_up|down).*",  # the up projection stays on the GPU
     "gate": r"blk\.{il}\.ffn_down.*",  # up and gate stay on the GPU
@@ -179,9 +179,17 @@ class MemoryPlan:
             "n_layer": self.n_layer, "budget_mib": round(self.budget / MIB) if self.budget else None,
             "budget_source": self.budget_source, "fits": self.fits, "fit_decides": self.fit_decides,
             "host_budget_mib": round(self.host_budget / MIB) if self.host_budget else None,
-            "notes": list(self.notes), "fit": self.fit or None,
-            "fit_overrides": list(self.placed.overrides) if self.placed else None,
+            "notes": list(self.notes), "fit": self.fit or None, "fit_layout": self.fit_layout(),
         }  # fmt: skip
+
+    def fit_layout(self) -> dict[str, Any] | None:
+        """fit.cpp's terms for the predicted layout (as its log prints them, see ``reported_fit``)."""
+        if self.placed is None or not self.fit.startswith("fit: experts"):
+            return None
+        rules = self.placed.overrides
+        layer = re.search(r"blk\\\.(\d+)\\\.", rules[0]) if rules else None
+        first = next((k for k, v in FIT_TO_CPU.items() if layer and v.format(il=layer.group(1)) + "=CPU" == rules[0]), "moe")
+        return {"n_gpu_layers": self.placed.n_gpu_layers, "n_partial": len(rules), "first_partial": first}
 
 
 def _gb(nbytes: int, digits: int = 1) -> str:
@@ -286,7 +294,7 @@ def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> 
     def layout(ngl: int, n_part: int, first: str = "moe") -> PlanInputs:
         """``ngl`` layers on the GPU, the last ``n_part`` of them partial (their experts on the CPU)."""
         start = total - n_part  # fit.cpp: il0 = hp_ngl + 1 - ngl, + the n_full whole layers
-        rules = [_FIT_TO_CPU[first if il == start else "moe"].format(il=il) + "=CPU"
+        rules = [FIT_TO_CPU[first if il == start else "moe"].format(il=il) + "=CPU"
                  for il in range(start, min(total, model.n_layer + 1))]  # fmt: skip
         return dataclasses.replace(base, n_gpu_layers=ngl, overrides=tuple(rules))
 
@@ -321,7 +329,7 @@ def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> 
 def _dense_only(base: PlanInputs, total: int, ngl: int) -> PlanInputs:
     """fit.cpp step 3: ``ngl`` layers from the back on the GPU, all but the first of them without experts."""
     start = total - ngl + 1
-    rules = tuple(_FIT_TO_CPU["moe"].format(il=il) + "=CPU" for il in range(start, total))
+    rules = tuple(FIT_TO_CPU["moe"].format(il=il) + "=CPU" for il in range(start, total))
     return dataclasses.replace(base, n_gpu_layers=ngl, overrides=rules)
 
 
@@ -384,6 +392,22 @@ def reported_buffers(log: str) -> dict[str, dict[str, float]]:
     return {side: {k: round(v, 1) for k, v in sizes.items()} for side, sizes in out.items()}
 
 
+_FIT_SET = re.compile(r"set ngl_per_device\[0\]\.\(n_layer, n_part(?:, overflow_type)?\)=\((\d+), (\d+)(?:, (\w+))?\)")
+_FIT_DONE = re.compile(r"CUDA0 \([^)]*\): +(\d+) layers \( *(\d+) overflowing\), +(\d+) MiB used, +(-?\d+) MiB free")
+
+
+def reported_fit(log: str) -> dict[str, Any] | None:
+    """What ``--fit on`` chose, from its own log lines (common/fit.cpp; None when fit changed nothing):
+    ``{"n_gpu_layers": 41, "n_partial": 15, "first_partial": "gate", "used_mib": 14708, "free_mib": 1086}``."""
+    done = _FIT_DONE.findall(log)
+    if not done:
+        return None
+    n_layer, n_part, used, free = (int(v) for v in done[-1])
+    chosen = [m for m in _FIT_SET.findall(log) if (int(m[0]), int(m[1])) == (n_layer, n_part)]
+    first = (chosen[-1][2] or "moe").lower() if chosen else "moe"
+    return {"n_gpu_layers": n_layer, "n_partial": n_part, "first_partial": first, "used_mib": used, "free_mib": free}
+
+
 def compare(plan_: MemoryPlan, reported: Mapping[str, Mapping[str, float]],
             measured: Mapping[str, float | None]) -> dict[str, Any]:  # fmt: skip
     """Predicted beside the server's reported buffers and the measured peaks (MiB), with errors in %."""
@@ -421,4 +445,4 @@ def plan_lines(plans: Sequence[tuple[str, MemoryPlan]]) -> list[str]:
 
 
 __all__ = ["MemoryPlan", "PlanInputs", "budget_of", "compare", "inputs_of", "placement", "plan", "predict_fit",
-           "reported_buffers"]
+           "reported_buffers", "reported_fit"]
