@@ -155,7 +155,7 @@ EOF
         --out "$O/i15-parallel-vs-serial.md" > "$O/i15-parallel-vs-serial.txt" 2>&1
     stamp "job done"
     ;;
-rerun)  # a second, shorter lease: what the first one could not show (see docs/gpu-session/README.md)
+rerun)  # a second, shorter lease: what the first one could not show (the -n 2 run and C7 with nothing set, which failed there for reasons fixed since)
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
     unset LLAMABENCH_SERVER_BIN
     O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
