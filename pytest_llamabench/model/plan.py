@@ -294,8 +294,7 @@ def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> 
     def layout(ngl: int, n_part: int, first: str = "moe") -> PlanInputs:
         """``ngl`` layers on the GPU, the last ``n_part`` of them partial (their experts on the CPU)."""
         start = total - n_part  # fit.cpp: il0 = hp_ngl + 1 - ngl, + the n_full whole layers
-        rules = [FIT_TO_CPU[first if il == start else "moe"].format(il=il) + "=CPU"
-                 for il in range(start, min(total, model.n_layer + 1))]  # fmt: skip
+        rules = [FIT_TO_CPU[first if il == start else "moe"].format(il=il) + "=CPU" for il in range(start, total)]
         return dataclasses.replace(base, n_gpu_layers=ngl, overrides=tuple(rules))
 
     def most(low: int, high: int, ok: Callable[[int], bool]) -> int:
