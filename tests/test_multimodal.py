@@ -14,6 +14,7 @@ from pytest_llamabench.config import ServerConfig, Workload, load_matrix
 from pytest_llamabench.errors import ChatTemplateError, ConfigError, ModelLoadError, UnsupportedArchitecture
 from pytest_llamabench.measure.workload import run_workload
 from pytest_llamabench.model.synth.projector import PROJECTOR_SHAPES, write_synthetic_projector
+from pytest_llamabench.model.synth.writer import gguf_file
 from pytest_llamabench.server.launcher import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,16 +99,11 @@ def test_the_pinned_build_knows_qwen35moe_and_refuses_what_it_does_not(server_bi
     assert build_knows_architecture(server_bin, "qwen35moe") is True  # the seed's "Docker image supports qwen35moe"
     assert build_knows_architecture(server_bin, "llama") is True
     assert build_knows_architecture(server_bin, "qwen99moe") is False
-    import gguf
     import numpy as np
 
     path = tmp_path / "future.gguf"  # a model of an architecture this build has never heard of
-    writer = gguf.GGUFWriter(str(path), "qwen99moe")
-    writer.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with gguf_file(path, "qwen99moe") as writer:
+        writer.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
     server = LocalServer(_config(tmp_path, path), binary=server_bin, log_dir=tmp_path / "logs")
     with pytest.raises(UnsupportedArchitecture, match=r"does not know architecture 'qwen99moe'.*build-server --sdist"):
         server.start()

@@ -17,6 +17,7 @@ from pytest_llamabench.measure.vision import png
 from pytest_llamabench.model.files import embedded_model_path, verify_model
 from pytest_llamabench.model.projector import verify_projector
 from pytest_llamabench.model.synth.projector import PROJECTOR_SHAPES, write_synthetic_projector
+from pytest_llamabench.model.synth.writer import gguf_file
 from pytest_llamabench.model.template import can_think, chat_template_args
 from pytest_llamabench.server.arch import build_knows_architecture, check_architecture
 from pytest_llamabench.server.container import _mount_file_args
@@ -90,19 +91,14 @@ def test_a_1kb_or_html_mmproj_is_a_bad_model(tmp_path: Path, projector: Path, co
      (None, r"has no vision projector \(clip\.projector_type")],
 )  # fmt: skip
 def test_a_clip_file_without_an_encoder_is_refused(tmp_path: Path, projector_type: str | None, message: str) -> None:
-    import gguf
     import numpy as np
 
     path = tmp_path / "mmproj-stub.gguf"
-    writer = gguf.GGUFWriter(str(path), "clip")
-    if projector_type:
-        writer.add_string("clip.projector_type", projector_type)
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_tensor("mm.model.fc.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with gguf_file(path, "clip") as writer:
+        if projector_type:
+            writer.add_string("clip.projector_type", projector_type)
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_tensor("mm.model.fc.weight", np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ModelLoadError, match=message):
         verify_projector(path, text_model=None, where="m.mmproj")
 
@@ -262,18 +258,13 @@ def test_host_files_in_args_are_mounted_into_a_container() -> None:
 
 
 def test_the_session_names_models_the_build_cannot_load_before_any_server(tmp_path: Path, text_model: Path) -> None:
-    import gguf
     import numpy as np
 
     from pytest_llamabench.preflight import architecture_problems
 
     future = tmp_path / "future.gguf"
-    writer = gguf.GGUFWriter(str(future), "qwen35moe")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with gguf_file(future, "qwen35moe") as writer:
+        writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
     matrix = tmp_path / "m.toml"
     matrix.write_text(f'[models.old]\npath = "{text_model}"\n[models.new]\npath = "{future}"\n[defaults]\nctx = 512\n'
                       '[configs.a]\nmodel = "old"\n[configs.b]\nmodel = "new"\n[configs.c]\nmodel = "new"\n')  # fmt: skip

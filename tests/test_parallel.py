@@ -28,6 +28,15 @@ ctx = 512
 """
 
 
+#: The inner run sees one GPU it cannot use (this machine has none): enough to test worker counts,
+#: never to measure.
+ONE_FAKE_GPU = (
+    "from pytest_llamabench.hardware import gpu\n"
+    "from pytest_llamabench.hardware.device import Device\n"
+    "gpu.discover_devices = lambda environ=None: [Device(0, 'GPU-0000-fake', 'Fake GPU')]\n"
+)
+
+
 @pytest.fixture
 def strict_ini(pytester: pytest.Pytester) -> None:
     """This repository's own setting: every warning is an error (pytest-benchmark's too)."""
@@ -97,11 +106,7 @@ def test_more_workers_than_gpus_is_one_usage_error(
     """One injected GPU (no GPU here): two workers for a GPU config is refused before any starts."""
     pytest.importorskip("xdist")
     pytester.makepyfile(MATRIX_TEST)
-    pytester.makeconftest(
-        "from pytest_llamabench.hardware import gpu\n"
-        "from pytest_llamabench.hardware.device import Device\n"
-        "gpu.discover_devices = lambda environ=None: [Device(0, 'GPU-0000-fake', 'Fake GPU')]\n"
-    )
+    pytester.makeconftest(ONE_FAKE_GPU)
     result = pytester.runpytest_subprocess(*bench_args(write_matrix("[configs.g]\ngpu = true\n")), "-n", "2")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: -n 2: 2 xdist workers would each need a GPU of their own for the selected "
@@ -139,11 +144,7 @@ def test_n_auto_starts_one_worker_per_gpu(pytester: pytest.Pytester, write_matri
     then skipped (NVML finds no usable GPU), before any server starts."""
     pytest.importorskip("xdist")
     pytester.makepyfile(MATRIX_TEST)
-    pytester.makeconftest(
-        "from pytest_llamabench.hardware import gpu\n"
-        "from pytest_llamabench.hardware.device import Device\n"
-        "gpu.discover_devices = lambda environ=None: [Device(0, 'GPU-0000-fake', 'Fake GPU')]\n"
-    )
+    pytester.makeconftest(ONE_FAKE_GPU)
     matrix = write_matrix("[configs.g]\ngpu = true\n")
     result = pytester.runpytest_subprocess(*bench_args(matrix), "-n", "auto", "--llamabench-workload=short")
     result.stdout.fnmatch_lines(["created: 1/1 worker*"])

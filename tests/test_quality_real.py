@@ -12,6 +12,7 @@ import pytest
 
 from pytest_llamabench.config import Matrix, load_matrix
 from pytest_llamabench.errors import CorpusError, ToolMissing, VocabularyMismatch
+from pytest_llamabench.model.synth.writer import gguf_file
 from pytest_llamabench.quality.run import QualitySettings, run_quality
 
 QUALITY_MATRIX = Path(__file__).parents[1] / "configs" / "quality.toml"
@@ -81,16 +82,10 @@ def test_corpus_shorter_than_two_contexts(tmp_path: Path, settings: QualitySetti
 
 
 def test_reference_with_another_vocabulary(tmp_path: Path, settings: QualitySettings) -> None:
-    import gguf
-
     other = tmp_path / "other-vocab.gguf"  # a real GGUF whose vocabulary has 1000 tokens, not SmolLM2's 49152
-    writer = gguf.GGUFWriter(str(other), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(1000)])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with gguf_file(other, "llama") as writer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(1000)])
     path = tmp_path / "m.toml"
     path.write_text(textwrap.dedent(f"""
         [models.smollm2]

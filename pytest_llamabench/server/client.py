@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -128,11 +128,7 @@ class LlamaClient:
         return data
 
     def _stream(self, path: str, body: Mapping[str, Any], count: Any) -> StreamResult:
-        token_times: list[float] = []
-        client_tokens = 0
-        text: list[str] = []
-        final: dict[str, Any] = {}
-        sent_at = time.perf_counter()
+        stream = StreamCollector(path, count)
         try:
             # a fresh connection per measured request: a pooled keep-alive connection that the
             # server has closed shows up as "disconnected without sending a response"
@@ -141,33 +137,57 @@ class LlamaClient:
                 if response.status_code != 200:
                     response.read()
                     raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")
-                for event in _sse_events(response.iter_lines(), path):
-                    now = time.perf_counter()
-                    n, piece = count(event)
-                    if n:
-                        token_times.append(now)
-                        client_tokens += n
-                        text.append(piece)
-                    if "timings" in event or event.get("stop") is True:
-                        final = {**final, **event}
+                for line in response.iter_lines():
+                    if not stream.take(line):
+                        break
         except httpx.TimeoutException as exc:
             raise self._timed_out("POST", path, exc) from exc
         except httpx.HTTPError as exc:
-            error = RequestFailed if (final or token_times) else StreamDroppedEarly
-            raise error(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
-        if not final:
-            raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
-        return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))
+            raise stream.broken(self.base_url, exc) from exc
+        return stream.result()
 
 
-def _sse_events(lines: Iterator[str], path: str) -> Iterator[dict[str, Any]]:
-    for line in lines:
+class StreamCollector:
+    """What one streamed generation adds up to, fed line by line by the sync client and the async
+    one (``stream_async``) alike: the arrival time of every event carrying tokens, the tokens and
+    text counted by ``count``, and the final event (timings, usage)."""
+
+    def __init__(self, path: str, count: Callable[[dict[str, Any]], tuple[int, str]]) -> None:
+        self.path = path
+        self.count = count
+        self.sent_at = time.perf_counter()
+        self.token_times: list[float] = []
+        self.client_tokens = 0
+        self.text: list[str] = []
+        self.final: dict[str, Any] = {}
+
+    def take(self, line: str) -> bool:
+        """One line of the stream; False at ``[DONE]``."""
         if not line.startswith("data: "):
-            continue
-        event = parse_event(line[len("data: ") :], path)
+            return True
+        now = time.perf_counter()
+        event = parse_event(line[len("data: ") :], self.path)
         if event is None:
-            return
-        yield event
+            return False
+        n, piece = self.count(event)
+        if n:
+            self.token_times.append(now)
+            self.client_tokens += n
+            self.text.append(piece)
+        if "timings" in event or event.get("stop") is True:
+            self.final = {**self.final, **event}
+        return True
+
+    def broken(self, base_url: str, exc: Exception) -> RequestFailed:
+        """The error for a connection lost mid-stream: ``StreamDroppedEarly`` before any token or final event."""
+        error = RequestFailed if (self.final or self.token_times) else StreamDroppedEarly
+        return error(f"POST {base_url}{self.path} failed mid-stream: {exc!r}")
+
+    def result(self) -> StreamResult:
+        if not self.final:
+            raise RequestFailed(f"POST {self.path}: the stream ended without a final event (no timings)")
+        return StreamResult(self.sent_at, self.token_times, self.client_tokens, time.perf_counter(), self.final,
+                            "".join(self.text))  # fmt: skip
 
 
 def parse_event(data: str, path: str) -> dict[str, Any] | None:
@@ -185,9 +205,9 @@ def parse_event(data: str, path: str) -> dict[str, Any] | None:
     return event
 
 
-def stream_tokens(event: dict[str, Any], native: bool) -> tuple[int, str]:
+def stream_counter(path: str) -> Callable[[dict[str, Any]], tuple[int, str]]:
     """Tokens and text of one event: ``/completion`` (its ``tokens`` array) or ``/v1/completions``."""
-    return _completion_tokens(event) if native else _oai_text_tokens(event)
+    return _completion_tokens if path == "/completion" else _oai_text_tokens
 
 
 def _completion_tokens(event: dict[str, Any]) -> tuple[int, str]:

@@ -10,14 +10,13 @@ the server's slot use is read from ``/metrics`` (when the server runs with ``--m
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from pytest_llamabench.errors import RequestFailed, RequestTimedOut, StreamDroppedEarly
-from pytest_llamabench.server.client import StreamResult, parse_event, stream_tokens
+from pytest_llamabench.errors import RequestFailed, RequestTimedOut
+from pytest_llamabench.server.client import StreamCollector, StreamResult, stream_counter
 
 _PROCESSING = re.compile(r"^llamacpp:requests_processing\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
@@ -47,11 +46,7 @@ class AsyncStreams:
         native = path == "/completion"
         body = {**payload, "stream": True}
         body.update({"return_tokens": True} if native else {"stream_options": {"include_usage": True}})
-        token_times: list[float] = []
-        client_tokens = 0
-        text: list[str] = []
-        final: dict[str, Any] = {}
-        sent_at = time.perf_counter()
+        stream = StreamCollector(path, stream_counter(path))
         try:
             # a fresh connection per request, as LlamaClient does (a pooled one the server closed
             # shows up as "disconnected without sending a response")
@@ -60,28 +55,14 @@ class AsyncStreams:
                     await response.aread()
                     raise RequestFailed(f"POST {path} answered {response.status_code}: {response.text[:300]}")
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    now = time.perf_counter()
-                    event = parse_event(line[len("data: ") :], path)
-                    if event is None:
+                    if not stream.take(line):
                         break
-                    n, piece = stream_tokens(event, native)
-                    if n:
-                        token_times.append(now)
-                        client_tokens += n
-                        text.append(piece)
-                    if "timings" in event or event.get("stop") is True:
-                        final = {**final, **event}
         except httpx.TimeoutException as exc:
             raise RequestTimedOut(f"POST {path}: the server sent nothing for {self.timeout_s:g} s "
                                   f"({type(exc).__name__}); {self.timeout_hint}") from exc  # fmt: skip
         except httpx.HTTPError as exc:
-            error = RequestFailed if (final or token_times) else StreamDroppedEarly
-            raise error(f"POST {self.base_url}{path} failed mid-stream: {exc!r}") from exc
-        if not final:
-            raise RequestFailed(f"POST {path}: the stream ended without a final event (no timings)")
-        return StreamResult(sent_at, token_times, client_tokens, time.perf_counter(), final, "".join(text))
+            raise stream.broken(self.base_url, exc) from exc
+        return stream.result()
 
     async def busy_slots(self, source: str) -> int | None:
         """Slots processing a request now, from ``/metrics`` or ``/slots``; None if unreadable."""

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 
 from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.model.synth.writer import gguf_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,6 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path, *, seed: int = 
                               projection_dim: int | None = None) -> Path:  # fmt: skip
     """Write ``path`` (atomically) and return it. ``projection_dim`` overrides the shape's
     (a projector for another text model, e.g. to test the mismatch check)."""
-    import gguf
     import numpy as np
 
     out_dim = projection_dim or shape.projection_dim
@@ -88,53 +87,46 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path, *, seed: int = 
     def zeros(n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # xdist workers may write it at once
-    writer = gguf.GGUFWriter(str(tmp), "clip")
-    writer.add_string("general.name", f"synthetic {shape.name} projector (random weights)")
-    writer.add_string("general.description", shape.description)
-    writer.add_uint32("general.file_type", 1)  # mostly f16
-    writer.add_string("clip.projector_type", "idefics3")
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_bool("clip.has_audio_encoder", False)
-    writer.add_bool("clip.use_gelu", True)
-    writer.add_uint32("clip.vision.image_size", shape.image_size)
-    writer.add_uint32("clip.vision.patch_size", shape.patch_size)
-    writer.add_uint32("clip.vision.embedding_length", d)
-    writer.add_uint32("clip.vision.feed_forward_length", ff)
-    writer.add_uint32("clip.vision.block_count", shape.n_layer)
-    writer.add_uint32("clip.vision.projection_dim", out_dim)
-    writer.add_uint32("clip.vision.attention.head_count", shape.n_head)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    writer.add_uint32("clip.vision.projector.scale_factor", shape.scale_factor)
-    writer.add_uint32("clip.vision.preproc_image_size", shape.image_size)
+    with gguf_file(path, "clip") as writer:
+        writer.add_string("general.name", f"synthetic {shape.name} projector (random weights)")
+        writer.add_string("general.description", shape.description)
+        writer.add_uint32("general.file_type", 1)  # mostly f16
+        writer.add_string("clip.projector_type", "idefics3")
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_bool("clip.has_audio_encoder", False)
+        writer.add_bool("clip.use_gelu", True)
+        writer.add_uint32("clip.vision.image_size", shape.image_size)
+        writer.add_uint32("clip.vision.patch_size", shape.patch_size)
+        writer.add_uint32("clip.vision.embedding_length", d)
+        writer.add_uint32("clip.vision.feed_forward_length", ff)
+        writer.add_uint32("clip.vision.block_count", shape.n_layer)
+        writer.add_uint32("clip.vision.projection_dim", out_dim)
+        writer.add_uint32("clip.vision.attention.head_count", shape.n_head)
+        writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+        writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+        writer.add_uint32("clip.vision.projector.scale_factor", shape.scale_factor)
+        writer.add_uint32("clip.vision.preproc_image_size", shape.image_size)
 
-    p = shape.patch_size
-    writer.add_tensor("v.patch_embd.weight", weight(d, 3, p, p))
-    writer.add_tensor("v.patch_embd.bias", zeros(d))
-    writer.add_tensor("v.position_embd.weight", (rng.standard_normal((shape.n_patches, d), dtype=np.float32) * 0.02))
-    for il in range(shape.n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            writer.add_tensor(f"v.blk.{il}.{name}.weight", weight(d, d))
-            writer.add_tensor(f"v.blk.{il}.{name}.bias", zeros(d))
-        writer.add_tensor(f"v.blk.{il}.ln1.weight", ones(d))
-        writer.add_tensor(f"v.blk.{il}.ln1.bias", zeros(d))
-        writer.add_tensor(f"v.blk.{il}.ln2.weight", ones(d))
-        writer.add_tensor(f"v.blk.{il}.ln2.bias", zeros(d))
-        writer.add_tensor(f"v.blk.{il}.ffn_up.weight", weight(ff, d))
-        writer.add_tensor(f"v.blk.{il}.ffn_up.bias", zeros(ff))
-        writer.add_tensor(f"v.blk.{il}.ffn_down.weight", weight(d, ff))
-        writer.add_tensor(f"v.blk.{il}.ffn_down.bias", zeros(d))
-    writer.add_tensor("v.post_ln.weight", ones(d))
-    writer.add_tensor("v.post_ln.bias", zeros(d))
-    writer.add_tensor("mm.model.fc.weight", weight(out_dim, d * shape.scale_factor**2))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
+        p = shape.patch_size
+        writer.add_tensor("v.patch_embd.weight", weight(d, 3, p, p))
+        writer.add_tensor("v.patch_embd.bias", zeros(d))
+        writer.add_tensor("v.position_embd.weight", (rng.standard_normal((shape.n_patches, d), dtype=np.float32) * 0.02))
+        for il in range(shape.n_layer):
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                writer.add_tensor(f"v.blk.{il}.{name}.weight", weight(d, d))
+                writer.add_tensor(f"v.blk.{il}.{name}.bias", zeros(d))
+            writer.add_tensor(f"v.blk.{il}.ln1.weight", ones(d))
+            writer.add_tensor(f"v.blk.{il}.ln1.bias", zeros(d))
+            writer.add_tensor(f"v.blk.{il}.ln2.weight", ones(d))
+            writer.add_tensor(f"v.blk.{il}.ln2.bias", zeros(d))
+            writer.add_tensor(f"v.blk.{il}.ffn_up.weight", weight(ff, d))
+            writer.add_tensor(f"v.blk.{il}.ffn_up.bias", zeros(ff))
+            writer.add_tensor(f"v.blk.{il}.ffn_down.weight", weight(d, ff))
+            writer.add_tensor(f"v.blk.{il}.ffn_down.bias", zeros(d))
+        writer.add_tensor("v.post_ln.weight", ones(d))
+        writer.add_tensor("v.post_ln.bias", zeros(d))
+        writer.add_tensor("mm.model.fc.weight", weight(out_dim, d * shape.scale_factor**2))
     return path
 
 

@@ -11,8 +11,9 @@ runs end to end on the embedded model. Written once into the cache (a few second
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from pytest_llamabench.model.synth.writer import gguf_file
 
 #: SmolVLM's added tokens that llama.cpp's idefics3 image framing looks up or writes.
 IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
@@ -27,37 +28,30 @@ def write_vlm_text_model(src: Path, dst: Path, added: tuple[str, ...] = IMAGE_TO
 
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.fields["general.architecture"].contents())
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    n_added = len(added)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = field.contents()
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        if field.name == "tokenizer.ggml.tokens":
-            value = [*value, *added]
-        elif field.name == "tokenizer.ggml.token_type":
-            value = [*value, *([_USER_DEFINED] * n_added)]
-        elif field.name == "tokenizer.ggml.scores":
-            value = [*value, *([0.0] * n_added)]
-        elif field.name == f"{arch}.vocab_size":
-            value = int(value) + n_added
-        elif field.name == "general.name":
-            value = f"{value} + SmolVLM image tokens"
-        writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-    for tensor in reader.tensors:
-        data = np.asarray(tensor.data)
-        if tensor.name in ("token_embd.weight", "output.weight"):  # one row per token: copy rows for the new ones
-            data = np.concatenate([data, data[1 : 1 + n_added]])
-        writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType(tensor.tensor_type))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(dst)
+    with gguf_file(dst, arch) as writer:
+        n_added = len(added)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue
+            value = field.contents()
+            vtype = gguf.GGUFValueType(field.types[0])
+            sub_type = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+            if field.name == "tokenizer.ggml.tokens":
+                value = [*value, *added]
+            elif field.name == "tokenizer.ggml.token_type":
+                value = [*value, *([_USER_DEFINED] * n_added)]
+            elif field.name == "tokenizer.ggml.scores":
+                value = [*value, *([0.0] * n_added)]
+            elif field.name == f"{arch}.vocab_size":
+                value = int(value) + n_added
+            elif field.name == "general.name":
+                value = f"{value} + SmolVLM image tokens"
+            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
+        for tensor in reader.tensors:
+            data = np.asarray(tensor.data)
+            if tensor.name in ("token_embd.weight", "output.weight"):  # one row per token: copy rows for the new ones
+                data = np.concatenate([data, data[1 : 1 + n_added]])
+            writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType(tensor.tensor_type))
     return dst
 
 

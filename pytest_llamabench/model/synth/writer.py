@@ -12,7 +12,8 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,3 +275,24 @@ def _write_tensor_data(path: Path, plans: Sequence[TensorPlan], seed: int, log: 
                 log(f"  {done / _GB:6.2f} / {total / _GB:.2f} GB  ({time.monotonic() - start:.1f} s)")
                 next_report += total / 10
         return out.finish()
+
+
+@contextlib.contextmanager
+def gguf_file(path: Path, arch: str) -> Iterator[gguf.GGUFWriter]:
+    """``with gguf_file(path, arch) as writer: writer.add_…``: a small GGUF written by gguf's own
+    writer (header, key/values, tensors) into ``path.<pid>.part``, then moved to ``path`` — a reader
+    (or another xdist worker) never sees half a file. Nothing is left behind if the block raises."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
