@@ -12,7 +12,7 @@ import importlib.metadata
 import math
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 
 class _Cursor:
-    """Reads GGUF's little-endian fields from a memory map; arrays are skipped, not parsed."""
+    """Reads GGUF's little-endian fields from a memory map; arrays are skipped unless kept."""
 
     def __init__(self, buf: mmap.mmap) -> None:
         self.buf, self.pos = buf, 0
@@ -162,34 +162,33 @@ class _Cursor:
         self.pos += n
         return text
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, keep: bool = False) -> Any:
+        """One value; an array is a list when ``keep``, else skipped (None): vocab and merges are big."""
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == 8:
             return self.string()
         if vtype == 9:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if keep:
+                return [self.value(item_type) for _ in range(count)]
             if item_type in _SCALARS:
                 self.pos += count * struct.calcsize(_SCALARS[item_type])
             else:
                 for _ in range(count):
                     self.value(item_type)
-            return None  # arrays (vocab, merges) are not needed here
+            return None
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def _known_types() -> frozenset[int]:
-    from gguf.constants import GGMLQuantizationType
-
-    return frozenset(t.value for t in GGMLQuantizationType)
+#: the vocabulary (one string per token) in a GGUF's metadata
+TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
-_KNOWN_TYPES = _known_types()
-
-
-def read_gguf_tables(buf: mmap.mmap) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
-    """A GGUF's metadata, its tensor table (name, dims, type id, data offset) and where tensor data
-    starts. Raises ValueError/struct.error on a malformed header."""
+def read_gguf_tables(buf: mmap.mmap, keep: Collection[str] = ()) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:  # fmt: skip
+    """A GGUF's metadata (arrays as lists only for the keys in ``keep``, else None), its tensor table
+    (name, dims, type id, data offset) and where tensor data starts. Raises ValueError/struct.error
+    on a malformed header."""
     if buf[:4] != GGUF_MAGIC:
         raise ValueError("not a GGUF file")
     cur = _Cursor(buf)
@@ -198,7 +197,7 @@ def read_gguf_tables(buf: mmap.mmap) -> tuple[dict[str, Any], list[tuple[str, tu
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        meta[key] = cur.value(cur.scalar("<I"))
+        meta[key] = cur.value(cur.scalar("<I"), keep=key in keep)
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -211,16 +210,17 @@ def read_gguf_tables(buf: mmap.mmap) -> tuple[dict[str, Any], list[tuple[str, tu
 
 def _read_gguf(path: Path, where: str, actual_size: int) -> ModelInfo:
     """Header, metadata and tensor infos; checks that every tensor's data is inside the file."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES  # imported here: gguf and numpy stay out of pytest's start-up
 
+    sizes = {t.value: size for t, size in GGML_QUANT_SIZES.items()}
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             meta, tensors, data_start = read_gguf_tables(buf)
         tensor_infos = []
         for name, dims, qtype, offset in tensors:
-            if qtype not in _KNOWN_TYPES:  # newer than the gguf package (llama.cpp's Q2_0): size unknown, not checked
+            if qtype not in sizes:  # newer than the gguf package (llama.cpp's Q2_0): size unknown, not checked
                 continue
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+            block, type_size = sizes[qtype]
             tensor_infos.append((name, offset + math.prod(dims) // block * type_size))
         end = max((data_start + stop for _, stop in tensor_infos), default=data_start)
     except (ValueError, struct.error, KeyError, OverflowError) as exc:

@@ -11,11 +11,12 @@ is a ``ModelLoadError`` naming the file and the key, before any server starts.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_llamabench.errors import ModelLoadError
-from pytest_llamabench.model.files import ModelInfo, verify_model
+from pytest_llamabench.model.files import TOKENS_KEY, ModelInfo, read_gguf_tables, verify_model
 
 if TYPE_CHECKING:
     from pytest_llamabench.config import ServerConfig
@@ -106,10 +107,8 @@ IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>")
 def _check_image_tokens(text_model: ModelInfo, projector: Path, where: str) -> None:
     """An idefics3 (SmolVLM) projector frames images with tokens only SmolVLM's vocabulary has;
     without them every image request fails with ``400 Invalid token``."""
-    import gguf
-
-    field = gguf.GGUFReader(str(text_model.path)).fields.get("tokenizer.ggml.tokens")
-    tokens = set(field.contents()) if field is not None else set()
+    with text_model.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        tokens = set(read_gguf_tables(buf, keep=(TOKENS_KEY,))[0].get(TOKENS_KEY) or ())
     missing = [t for t in IDEFICS3_TOKENS if t not in tokens]
     if missing:
         raise ModelLoadError(

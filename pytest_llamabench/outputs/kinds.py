@@ -27,4 +27,4 @@ def speed_results(entries: Iterable[ResultEntry]) -> list[ResultEntry]:
     return [e for e in entries if not is_quality(e) and not is_load(e)]
 
 
-__all__ = ["is_load", "is_quality", "speed_results"]
+__all__ = ["QUALITY_ENDPOINT", "is_load", "is_quality", "speed_results"]

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pytest_llamabench.metrics import KLD_MEAN, PPL, PPL_ERROR, PPL_INCREASE_PCT, SAME_TOP_P_PCT, THRESHOLDS, Metric
+from pytest_llamabench.outputs.kinds import QUALITY_ENDPOINT, is_quality
 from pytest_llamabench.results import ResultEntry
 
-QUALITY_ENDPOINT = "llama-perplexity"
 REFERENCE, RECOMMENDED, NOT_RECOMMENDED = "Reference", "RECOMMENDED", "NOT RECOMMENDED"
 QUALITY_KEYS = tuple(k for k, m in THRESHOLDS.items() if m in (PPL_INCREASE_PCT, KLD_MEAN, SAME_TOP_P_PCT))
 RULE = (
@@ -26,10 +26,6 @@ RULE = (
     f"{NOT_RECOMMENDED} when one fails. The speed WINNER is chosen only among configs whose model is not "
     f"{NOT_RECOMMENDED}"
 )
-
-
-def is_quality(entry: ResultEntry) -> bool:
-    return entry.endpoint == QUALITY_ENDPOINT
 
 
 @dataclasses.dataclass(frozen=True)

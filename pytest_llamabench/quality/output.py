@@ -22,7 +22,6 @@ _NUM = r"([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|-?inf))"
 _PM = r"\s*(?:±|\+/-)\s*"
 FINAL = re.compile(rf"Final estimate: PPL = {_NUM}{_PM}{_NUM}")
 MEAN_PPL_Q = re.compile(rf"^Mean PPL\(Q\)\s*:\s*{_NUM}{_PM}{_NUM}", re.M)
-MEAN_PPL_BASE = re.compile(rf"^Mean PPL\(base\)\s*:\s*{_NUM}{_PM}{_NUM}", re.M)
 PPL_RATIO = re.compile(rf"^Mean PPL\(Q\)/PPL\(base\)\s*:\s*{_NUM}{_PM}{_NUM}", re.M)
 KLD_MEAN = re.compile(rf"^Mean\s+KLD:\s*{_NUM}{_PM}{_NUM}", re.M)
 KLD_MAX = re.compile(rf"^Maximum KLD:\s*{_NUM}", re.M)
@@ -46,7 +45,6 @@ class PerplexityOutput:
     ppl_error: float
     chunks: int | None = None
     ctx: int | None = None
-    ppl_base: float | None = None
     ppl_ratio: float | None = None
     kld_mean: float | None = None
     kld_median: float | None = None
@@ -100,7 +98,6 @@ def parse(text: str, *, kld: bool) -> PerplexityOutput | None:
         ppl_error=_f(q.group(2)),
         chunks=n_chunks,
         ctx=ctx,
-        ppl_base=_first(MEAN_PPL_BASE, text),
         ppl_ratio=_first(PPL_RATIO, text),
         kld_mean=_f(kl.group(1)),
         kld_median=_first(KLD_MEDIAN, text),

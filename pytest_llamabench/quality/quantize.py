@@ -41,13 +41,14 @@ def materialize(config: ServerConfig, server_binary: Path, server_where: str,
 
 
 def make_quantized(model: ModelSpec, tool: Tool, *, log: Callable[[str], None] = print) -> Path:
-    from pytest_llamabench.model.files import file_sha256, verify_model
+    from pytest_llamabench.model.files import verify_model
 
     spec = model.quantize
     assert spec is not None
     source = spec.source.resolve()
-    verify_model(source, sha256=spec.source.sha256, where=spec.source.source, hash_file=False)
-    out = quant_dir() / _name(file_sha256(source), spec.type, tool.build)
+    digest = verify_model(source, sha256=spec.source.sha256, where=spec.source.source).sha256
+    assert digest is not None  # verify_model hashes by default
+    out = quant_dir() / _name(digest, spec.type, tool.build)
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,16 +110,4 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "ppl" in data and "ppl_error" in data else None
 
 
-def logits_vocab(path: Path) -> int | None:
-    """The vocabulary size in a logits file's header (``_logits_``, n_ctx u32, n_vocab i32, n_chunk i32)."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(20)
-    except OSError:
-        return None
-    if len(head) < 16 or head[:8] != b"_logits_":
-        return None
-    return int.from_bytes(head[12:16], "little", signed=True)
-
-
-__all__ = ["ReferenceLogits", "logits_vocab", "reference_key", "reference_logits"]
+__all__ = ["ReferenceLogits", "reference_key", "reference_logits"]

@@ -20,10 +20,11 @@ from pytest_llamabench.hardware.device import Device
 from pytest_llamabench.metrics import (
     Metric, KLD_MAX, KLD_MEAN, KLD_MEDIAN, KLD_P99, PPL, PPL_ERROR, PPL_INCREASE_PCT, RMS_DP_PCT, SAME_TOP_P_PCT,
 )  # fmt: skip
+from pytest_llamabench.outputs.kinds import QUALITY_ENDPOINT
 from pytest_llamabench.quality.corpus import load_corpus
 from pytest_llamabench.quality.perplexity import Mode, Run, environment, perplexity_argv, run_perplexity
 from pytest_llamabench.quality.quantize import materialize
-from pytest_llamabench.quality.reference import ReferenceLogits, logits_vocab, reference_logits
+from pytest_llamabench.quality.reference import ReferenceLogits, reference_logits
 from pytest_llamabench.quality.tools import PERPLEXITY, find_tool
 from pytest_llamabench.quality.vocab import vocab_size
 from pytest_llamabench.results import ResultEntry
@@ -58,8 +59,8 @@ def run_quality(config: ServerConfig, workload: Workload, settings: QualitySetti
     config = materialize(config, settings.server_binary, settings.server_where, settings.log)
     model = config.model.resolve()
     info = verify_model(model, sha256=config.model.sha256, size=config.model.size, where=config.model.source,
-                        hash_file=False)  # fmt: skip
-    model_sha = file_sha256(model)
+                        rehash=config.model.verify == "always")  # fmt: skip
+    model_sha = info.sha256
     corpus = load_corpus(spec.corpus, where=f"{spec.source}.corpus", cache_dir=settings.cache_dir)
     env = environment(config, settings.devices if config.gpu else None)
     facts: dict[str, Any] = {"corpus": corpus.as_dict(), "ctx": spec.ctx, "chunks_asked": spec.chunks,
@@ -105,8 +106,8 @@ def run_quality(config: ServerConfig, workload: Workload, settings: QualitySetti
         workload=workload.name,
         start=config.start if config.restarts > 1 else None,
         metrics={metric.name: Summary.of([value]) for metric, value in values.items() if value is not None},
-        endpoint="llama-perplexity",
-        model=info.as_dict() | {"sha256": model_sha},
+        endpoint=QUALITY_ENDPOINT,
+        model=info.as_dict(),
         workload_spec={"name": workload.name, "kind": workload.kind, **spec.key()},
         extra={"quality": facts},
     )

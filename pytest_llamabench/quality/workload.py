@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 from pytest_llamabench.errors import ConfigError
+from pytest_llamabench.outputs.kinds import QUALITY_ENDPOINT
 
 
 def run_once(server: Any, workload: Any, prompts: Any, index: int) -> NoReturn:
@@ -18,4 +19,4 @@ def run_once(server: Any, workload: Any, prompts: Any, index: int) -> NoReturn:
 
 
 def endpoint(prompts: Any) -> str:
-    return "llama-perplexity"
+    return QUALITY_ENDPOINT
