@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from pytest_llamabench.model.plan import FIT_TO_CPU, reported_fit
+from pytest_llamabench.model.plan import fit_first_partial, reported_fit
 
 #: The user's table (../shared/seed/qwen35-migration-session.md, RTX 5080 16 GB): VRAM (MB) and status.
 USER = {
@@ -83,17 +82,20 @@ def _fit(entry: dict[str, Any], logs: Path | None) -> str:
     memory = entry.get("memory") or {}
     plan = memory.get("plan") or {}
     planned, logged = plan.get("fit_layout"), memory.get("reported_fit")
-    if planned is None and plan.get("fit_overrides"):
+    if planned is None and plan.get("fit_overrides"):  # reports of the second H200 lease carried the overrides
         rules = plan["fit_overrides"]
-        first = next((k for k, v in FIT_TO_CPU.items() if re.fullmatch(re.escape(v).replace(re.escape("{il}"), r"\d+")
-                                                                          + "=CPU", rules[0])), "moe")  # fmt: skip
-        planned = {"n_partial": len(rules), "first_partial": first}
+        planned = {"n_partial": len(rules), "first_partial": fit_first_partial(rules, plan["n_layer"])}
     log = logs / Path(entry.get("server", {}).get("log", "")).name if logs else None
     if logged is None and log is not None and log.is_file():
         logged = reported_fit(log.read_text(errors="replace"))
     if not planned and not logged:
         return "—"
-    return " / ".join(f"{x['n_partial']} partial ({x['first_partial']})" if x else "—" for x in (planned, logged))
+    def text(x: dict[str, Any] | None) -> str:
+        if not x:
+            return "—"
+        return f"-ngl {x['n_gpu_layers']}" if x["n_partial"] is None else f"{x['n_partial']} partial ({x['first_partial']})"
+
+    return " / ".join(text(x) for x in (planned, logged))
 
 
 def workloads_table(paths: list[Path]) -> str:

@@ -165,6 +165,9 @@ def test_the_predicted_fit_layout_is_within_one_layer_of_what_fit_logged_and_wit
         if vram is not None:  # the search's fit probe has no matrix entry
             assert abs(p.gpu_total / MIB - vram) < 0.025 * vram, (quant, budget, p.gpu_total / MIB, vram)
     assert reported_fit((CHECKS / "logs/workloads/C7.log").read_text()) is None  # --fit off: nothing logged
+    step3 = "common_params_fit_impl:   - CUDA0 (NVIDIA H200): 30 layers,   3045 MiB used,   1086 MiB free"  # -ngl only
+    assert reported_fit(step3) == {"n_gpu_layers": 30, "n_partial": None, "first_partial": None, "used_mib": 3045,
+                                   "free_mib": 1086}  # fmt: skip
 
 
 def test_a_12gib_budget_reproduces_every_outcome_of_the_users_16_gb_card() -> None:
@@ -188,8 +191,8 @@ def test_fit_moves_as_few_experts_as_the_target_allows_and_gives_up_where_llama_
     assert fitted is not None
     total = plan(model, fitted, budget=budget).gpu_total
     assert total <= budget - 1024 * MIB  # llama.cpp's default --fit-target leaves 1 GiB free
-    first_cpu = int(what.split("layers ")[1].split("-")[0])  # one more layer's experts on the GPU does not fit
-    more = dataclasses.replace(fitted, overrides=tuple(o for o in fitted.overrides if f"blk\\.{first_cpu + 1}\\." not in o))
+    first_cpu = int(what.split("layers ")[1].split("-")[0])  # that partial layer whole on the GPU does not fit
+    more = dataclasses.replace(fitted, overrides=tuple(o for o in fitted.overrides if f"blk\\.{first_cpu}\\." not in o))
     assert plan(model, more, budget=budget).gpu_total > budget - 1024 * MIB
     wider, _ = predict_fit(model, PlanInputs(**{**FIT, "fit_target_mib": 4096}), budget)  # type: ignore[arg-type]
     assert wider is not None and plan(model, wider).gpu_total < total  # a bigger --fit-target keeps more on the CPU
@@ -207,9 +210,12 @@ def test_fit_on_a_dense_model_gives_the_most_layers_that_fit() -> None:
     model = ModelTensors.from_synthetic("tiny-qwen35moe", "q8_0")
     dense = dataclasses.replace(model, n_expert=0)
     full = plan(dense, PlanInputs(**{**USER, "n_gpu_layers": "all"})).gpu_total  # type: ignore[arg-type]
-    fitted, what = predict_fit(dense, PlanInputs(**FIT), full + 1024 * MIB - 1)  # type: ignore[arg-type]
+    budget = full + 1024 * MIB - 1
+    fitted, what = predict_fit(dense, PlanInputs(**FIT), budget)  # type: ignore[arg-type]
     assert fitted is not None and what.startswith("fit: -ngl ") and isinstance(fitted.n_gpu_layers, int)
     assert fitted.n_gpu_layers < dense.n_layer + 1
+    assert plan(dense, fitted).gpu_total <= budget - 1024 * MIB  # the most that fit: one more layer does not
+    assert plan(dense, dataclasses.replace(fitted, n_gpu_layers=fitted.n_gpu_layers + 1)).gpu_total > budget - 1024 * MIB
 
 
 def test_reported_buffers_are_read_from_real_log_lines_and_compared() -> None:

@@ -187,9 +187,14 @@ class MemoryPlan:
         if self.placed is None or not self.fit.startswith("fit: experts"):
             return None
         rules = self.placed.overrides
-        layer = re.search(r"blk\\\.(\d+)\\\.", rules[0]) if rules else None
-        first = next((k for k, v in FIT_TO_CPU.items() if layer and v.format(il=layer.group(1)) + "=CPU" == rules[0]), "moe")
-        return {"n_gpu_layers": self.placed.n_gpu_layers, "n_partial": len(rules), "first_partial": first}
+        return {"n_gpu_layers": self.placed.n_gpu_layers, "n_partial": len(rules),
+                "first_partial": fit_first_partial(rules, self.n_layer)}  # fmt: skip
+
+
+def fit_first_partial(rules: Sequence[str], n_layer: int) -> str:
+    """Which part of the first partial layer a fit layout (``predict_fit``'s overrides) sends to the CPU."""
+    start = n_layer + 1 - len(rules)
+    return next((k for k, v in FIT_TO_CPU.items() if rules and v.format(il=start) + "=CPU" == rules[0]), "moe")
 
 
 def _gb(nbytes: int, digits: int = 1) -> str:
@@ -311,18 +316,20 @@ def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> 
     if not fits(dense) or not fits(layout(total, total - 1)):  # step 3 only: the most dense-only layers, counted from the back
         ngl = most(0, total, lambda n: n == 0 or fits(_dense_only(base, total, n)))
         return _dense_only(base, total, ngl), f"fit: -ngl {ngl} of {total}, every expert on the CPU"
-    # step 4: whole layers from the front, the experts of the last n_part layers on the CPU
+    # step 4: whole layers from the front, the experts of the last n_part layers on the CPU (n_part >= 2:
+    # the output "layer" has no experts, and with everything whole it would not have needed fitting)
     n_part = total - most(1, total, lambda full: fits(layout(total, total - full)))
     chosen, first = layout(total, n_part), "moe"
-    if n_part:  # part of one more layer: up, then up + gate; else the whole FFN of that layer to the CPU
-        for fraction in (("up", "gate") if fits(layout(total, n_part, "up")) else ("attn",)):
-            if fits(candidate := layout(total, n_part, fraction)):
-                chosen, first = candidate, fraction
-    cpu_layers = [il for il in range(total - n_part, model.n_layer)]
-    where = f"layers {cpu_layers[0]}-{cpu_layers[-1]}" if len(cpu_layers) > 1 else f"layer {cpu_layers[0]}" if cpu_layers else "no layer"
-    kept = {"moe": "", "up": f"; layer {cpu_layers[0]} keeps its up projection", "gate":
-            f"; layer {cpu_layers[0]} keeps up and gate", "attn": f"; layer {cpu_layers[0]}'s whole FFN too"}[first] if cpu_layers else ""
-    return chosen, f"fit: experts of {where} on the CPU ({len(cpu_layers)} of {model.n_layer}{kept})"
+    if fits(up := layout(total, n_part, "up")):  # part of one more layer: up, then up + gate
+        chosen, first = up, "up"
+        if fits(gate := layout(total, n_part, "gate")):
+            chosen, first = gate, "gate"
+    elif fits(attn := layout(total, n_part, "attn")):  # else that layer's whole FFN to the CPU
+        chosen, first = attn, "attn"
+    start = total - n_part
+    kept = {"moe": "", "up": f"; layer {start} keeps its up projection", "gate": f"; layer {start} keeps up and gate",
+            "attn": f"; layer {start}'s whole FFN too"}[first]  # fmt: skip
+    return chosen, f"fit: experts of layers {start}-{model.n_layer - 1} on the CPU ({model.n_layer - start} of {model.n_layer}{kept})"
 
 
 def _dense_only(base: PlanInputs, total: int, ngl: int) -> PlanInputs:
@@ -392,16 +399,21 @@ def reported_buffers(log: str) -> dict[str, dict[str, float]]:
 
 
 _FIT_SET = re.compile(r"set ngl_per_device\[0\]\.\(n_layer, n_part(?:, overflow_type)?\)=\((\d+), (\d+)(?:, (\w+))?\)")
-_FIT_DONE = re.compile(r"CUDA0 \([^)]*\): +(\d+) layers \( *(\d+) overflowing\), +(\d+) MiB used, +(-?\d+) MiB free")
+_FIT_DONE = re.compile(r"CUDA0 \([^)]*\): +(\d+) layers(?: \( *(\d+) overflowing\))?, +(\d+) MiB used, +(-?\d+) MiB free")
 
 
 def reported_fit(log: str) -> dict[str, Any] | None:
     """What ``--fit on`` chose, from its own log lines (common/fit.cpp; None when fit changed nothing):
-    ``{"n_gpu_layers": 41, "n_partial": 15, "first_partial": "gate", "used_mib": 14708, "free_mib": 1086}``."""
+    ``{"n_gpu_layers": 41, "n_partial": 15, "first_partial": "gate", "used_mib": 14708, "free_mib": 1086}``
+    (``n_partial``/``first_partial`` None when fit only set ``-ngl``)."""
     done = _FIT_DONE.findall(log)
     if not done:
         return None
-    n_layer, n_part, used, free = (int(v) for v in done[-1])
+    layers, overflowing, used_mib, free_mib = done[-1]
+    n_layer, used, free = int(layers), int(used_mib), int(free_mib)
+    if not overflowing:  # fit stopped at step 3: -ngl only, logged without a partial count
+        return {"n_gpu_layers": n_layer, "n_partial": None, "first_partial": None, "used_mib": used, "free_mib": free}
+    n_part = int(overflowing)
     chosen = [m for m in _FIT_SET.findall(log) if (int(m[0]), int(m[1])) == (n_layer, n_part)]
     first = (chosen[-1][2] or "moe").lower() if chosen else "moe"
     return {"n_gpu_layers": n_layer, "n_partial": n_part, "first_partial": first, "used_mib": used, "free_mib": free}
@@ -443,5 +455,5 @@ def plan_lines(plans: Sequence[tuple[str, MemoryPlan]]) -> list[str]:
     return [p.line(name) for name, p in plans]
 
 
-__all__ = ["MemoryPlan", "PlanInputs", "budget_of", "compare", "inputs_of", "placement", "plan", "predict_fit",
+__all__ = ["FIT_TO_CPU", "MemoryPlan", "PlanInputs", "budget_of", "compare", "fit_first_partial", "inputs_of", "placement", "plan", "predict_fit",
            "reported_buffers", "reported_fit"]
