@@ -124,6 +124,14 @@ def by_config(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["config"]: r for r in data["results"]}
 
 
+def gone_within(check: Callable[[], Any], seconds: float) -> bool:
+    """Poll ``check`` until falsy or ``seconds`` pass; True when it ended falsy."""
+    deadline = time.monotonic() + seconds
+    while check() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not check()
+
+
 def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen[str], timeout: float = 120) -> Any:
     """Poll ``check`` until truthy; fail with the inner output if the inner run ends first."""
     deadline = time.monotonic() + timeout
@@ -296,10 +304,8 @@ def test_sigkilled_session_container_is_removed_within_seconds(
         if proc.stdout is not None and not proc.stdout.closed:
             proc.communicate()  # reaps it and closes its pipe, also after a failed assertion
     (crashed,) = inner_sessions(recorded)
-    deadline = time.monotonic() + 10
-    while containers_with_label(crashed["run_id"], client) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert containers_with_label(crashed["run_id"], client) == [], f"{running.name} outlived the killed run by 10 s"
+    assert gone_within(lambda: containers_with_label(crashed["run_id"], client), 10), \
+        f"{running.name} outlived the killed run by 10 s"  # fmt: skip
 
 
 def test_sigkilled_xdist_controller_workers_containers_go_too(
@@ -323,10 +329,8 @@ def test_sigkilled_xdist_controller_workers_containers_go_too(
         if proc.stdout is not None and not proc.stdout.closed:
             proc.communicate()
     run_id = run_id_of(inner_sessions(recorded))
-    deadline = time.monotonic() + 10
-    while containers_with_label(run_id, client) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert containers_with_label(run_id, client) == [], "a worker's container outlived the killed controller by 10 s"
+    assert gone_within(lambda: containers_with_label(run_id, client), 10), \
+        "a worker's container outlived the killed controller by 10 s"  # fmt: skip
 
 
 def test_session_start_sweeps_leftovers_of_a_crashed_run(

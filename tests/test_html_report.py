@@ -152,11 +152,9 @@ def test_cli_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_concurrent_load_curves_are_drawn() -> None:
-    from pytest_llamabench import metrics
+    from pytest_llamabench.metrics import AGG_TOK_S as agg
+    from pytest_llamabench.metrics import E2E_P99_MS as e2e
 
-    agg, e2e = getattr(metrics, "AGG_TOK_S", None), getattr(metrics, "E2E_P99_MS", None)
-    if agg is None or e2e is None:
-        pytest.skip("this version has no concurrent-load metrics")
     data = copy.deepcopy(_data(CPU_REPORT))
     data["load"] = [{"config": "base", "workload": "load", "knees": [{"series": "closed loop", "level": "c4", "why": ""}],
                      "points": [{"level": f"c{n}", "closed_loop": True, "medians": {agg.name: 50.0 * n ** 0.5,

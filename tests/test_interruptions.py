@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .test_container_plugin import LONG, TINY, Args, Write, popen_pytest, report, wait_for
+from .test_container_plugin import LONG, TINY, Args, Write, gone_within, popen_pytest, report, wait_for
 
 #: The matrix test, plus the server's PID and URL once the long workload (the second) starts.
 STARTED_TEST = """
@@ -77,23 +77,15 @@ def _interrupt_mid_workload(
     return proc, out, server
 
 
-def _gone_within(check: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while check() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not check()
-
-
 def test_sigkill_mid_workload_leaves_no_server_port_or_watchdog(
     pytester: pytest.Pytester, write_matrix: Write, bench_args: Args, tmp_path: Path
 ) -> None:
     proc, _, server = _interrupt_mid_workload(pytester, write_matrix, bench_args, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
-    assert _gone_within(lambda: _alive(server["pid"]), 10), "llama-server outlived the SIGKILLed pytest"
-    assert _gone_within(lambda: _listening(server["url"]), 10), f"{server['url']} still listens"
-    assert _gone_within(lambda: _watchdogs_of(proc.pid), 10), "the watchdog did not exit"
-    if (tmp_path / "report.json").exists():  # written with the first result only
-        assert report(tmp_path)["finished"] is False
+    assert gone_within(lambda: _alive(server["pid"]), 10), "llama-server outlived the SIGKILLed pytest"
+    assert gone_within(lambda: _listening(server["url"]), 10), f"{server['url']} still listens"
+    assert gone_within(lambda: _watchdogs_of(proc.pid), 10), "the watchdog did not exit"
+    assert report(tmp_path)["finished"] is False  # written with the first workload's result, never finished
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -106,4 +98,4 @@ def test_sigint_or_sigterm_mid_workload_stops_cleanly_and_says_so(
     data = report(tmp_path)
     assert data["finished"] is False and data["interrupted"], data.get("interrupted")
     assert [r["outcome"] for r in data["results"] if r["workload"] == "w"] == ["passed"]
-    assert _gone_within(lambda: _watchdogs_of(proc.pid), 10)
+    assert gone_within(lambda: _watchdogs_of(proc.pid), 10)

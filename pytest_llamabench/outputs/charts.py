@@ -18,8 +18,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from pytest_llamabench import metrics
-from pytest_llamabench.metrics import GEN_TOK_S, ITL_P50_MS, ITL_P90_MS, ITL_P99_MS, RSS_PEAK_MIB, TTFT_MS, VRAM_PEAK_MIB
+from pytest_llamabench.metrics import (
+    AGG_TOK_S, E2E_P99_MS, GEN_TOK_S, ITL_P50_MS, ITL_P90_MS, ITL_P99_MS, RSS_PEAK_MIB, TTFT_MS, VRAM_PEAK_MIB,
+)  # fmt: skip
 from pytest_llamabench.outputs.kinds import speed_results
 from pytest_llamabench.results import ResultEntry, RunReport
 
@@ -330,9 +331,9 @@ def sweep_chart(report: RunReport) -> Chart | None:
 def load_chart(report: RunReport) -> Chart | None:
     """Concurrent load (the report's ``load`` curves): aggregate output tok/s against p99 end-to-end
     time, one line per config × workload and series (closed loop: streams; open loop: requests/s)."""
-    agg, e2e = getattr(metrics, "AGG_TOK_S", None), getattr(metrics, "E2E_P99_MS", None)
+    agg, e2e = AGG_TOK_S, E2E_P99_MS
     curves = report.extra.get("load")
-    if agg is None or e2e is None or not isinstance(curves, list):
+    if not isinstance(curves, list):
         return None
     series: list[tuple[str, list[tuple[float, float, str]]]] = []
     for curve in curves:

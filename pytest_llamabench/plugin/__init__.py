@@ -73,8 +73,8 @@ def _register_progress(config: pytest.Config, state: RunState) -> None:
     """Progress lines on the controller (plugin/progress.py); live repetition status without xdist."""
     if state.matrix is None or options.value(config, "progress")[0] == "off" or config.get_verbosity() <= -2:
         return
-    distributed = config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
-    hooks = ProgressHooks(config, live=not distributed)
+    distributed = workers.xdist_workers(config) > 0
+    hooks = ProgressHooks(config)
     config.pluginmanager.register(hooks, "llamabench-progress")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(ProgressXdistHooks(hooks, lambda: [c.instance for c in state.server_starts()],
@@ -141,8 +141,7 @@ def _expect_not_recommended(item: pytest.Item) -> None:
     as usual and the winner rule leaves it out."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     server, workload = params.get("llama_server"), params.get("llama_workload")
-    if isinstance(server, ServerConfig) and isinstance(workload, Workload) and server.expect == "not-recommended" \
-            and workload.kind == "perplexity":  # fmt: skip
+    if isinstance(server, ServerConfig) and is_quality(workload) and server.expect == "not-recommended":
         item.add_marker(pytest.mark.xfail(raises=ThresholdNotMet, strict=True,
                                           reason=f'expected NOT RECOMMENDED (expect = "not-recommended" in {server.source})'))
 

@@ -20,8 +20,7 @@ import pytest
 from pytest_llamabench import progress
 from pytest_llamabench.config import ServerConfig, Workload
 from pytest_llamabench.metrics import GEN_TOK_S
-
-ENTRY = "llamabench"  # the user_properties key of result entries (plugin.reporting.ENTRY)
+from pytest_llamabench.plugin.reporting import ENTRY, outcome_of
 
 
 def _size(workload: Workload) -> float:
@@ -32,9 +31,8 @@ def _size(workload: Workload) -> float:
 class ProgressHooks:
     """Registered on the controller (or the only process) when progress is on."""
 
-    def __init__(self, config: pytest.Config, live: bool) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.live = live  # in-process measurement (no xdist): repetition status and server-ready lines
         self.eta = progress.Eta()
         self._status = ""
         self._announced: set[str] = set()
@@ -59,11 +57,11 @@ class ProgressHooks:
     # -- events -----------------------------------------------------------------------
 
     def callback(self, event: progress.ProgressEvent) -> None:
-        """The measurement's progress callback (in-process runs)."""
+        """The measurement's progress callback (in-process runs, so never under xdist)."""
         if isinstance(event, progress.ServerReady):
             self.eta.server_ready(event.instance, event.load_s)
             self._announce(event.instance, event.load_s)
-        elif self.live:
+        else:
             left = self.eta.remaining_s()
             self._show_status(event.text() + (f" · ETA {progress.duration(left)}" if left is not None else ""))
 
@@ -76,8 +74,7 @@ class ProgressHooks:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self._clear_status()  # before pytest writes the result
-        final = report.when == "call" or (report.when == "setup" and report.outcome != "passed")
-        if final or report.when == "setup":
+        if report.when in ("setup", "call"):
             self._reports[report.nodeid] = report
 
     @pytest.hookimpl(trylast=True)
@@ -102,8 +99,7 @@ class ProgressHooks:
         self.eta.finished(report.nodeid, report.duration)
         gen = next((e["metrics"][GEN_TOK_S.name].get("median") for e in entries
                     if isinstance(e.get("metrics"), dict) and isinstance(e["metrics"].get(GEN_TOK_S.name), dict)), None)  # fmt: skip
-        outcome = ("xfailed" if hasattr(report, "wasxfail") and report.outcome == "skipped"
-                   else "error" if report.failed and report.when != "call" else report.outcome)  # fmt: skip
+        outcome = outcome_of(report.when, report.outcome, getattr(report, "wasxfail", None), "")[0]
         self._line(progress.finished_line(self.eta, planned, report.nodeid, outcome, report.duration, gen))
 
     # -- writing ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pytest_llamabench.config import ModelSpec, ServerConfig
-from pytest_llamabench.errors import ModelLoadError, QualityRunFailed
+from pytest_llamabench.errors import QualityRunFailed
 from pytest_llamabench.quality.tools import QUANTIZE, Tool, find_tool
 
 

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from pytest_llamabench.outputs import markdown
-from pytest_llamabench.outputs.table import build_table, render
+from pytest_llamabench.outputs.table import render, speed_table
 from pytest_llamabench.results import RunReport
 from pytest_llamabench.shards.merge import merge_reports
 
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     merged = merge_reports([RunReport.load(p) for p in args.reports], allow_mixed=args.allow_mixed)
     partial = merged.interrupted or (None if merged.finished else "a shard's run did not finish")
-    rows, workloads, verdict = build_table(merged.per_unit(), partial=partial)  # partial: no winner
+    rows, workloads, verdict = speed_table(merged.per_unit(), partial=partial)  # as the run ranks: speed rows only; partial: no winner
     merged.extra["winner"] = verdict.as_dict()
     merged.write(args.output)
     if rows:
