@@ -56,7 +56,7 @@ def test_closed_loop_runs_the_streams_at_once_with_exact_work(server: LocalServe
     for s in got:
         assert len(s.requests) == 8 and s.predicted_n == 8 * 16 and s.prompt_n == 8 * 16 and s.cache_n == 0
         assert all(r["predicted_n"] == 16 for r in s.requests)
-        assert s.agg_tok_s > 0 and s.req_s > 0 and s.ttft_p99_ms >= s.ttft_ms
+        assert s.agg_tok_s > 0 and s.req_s > 0
         assert s.goodput_pct == 100  # an SLO nobody can miss
     # the server really ran requests side by side: seen by the client (requests generating at
     # once) and by the server (busy slots in /slots)
