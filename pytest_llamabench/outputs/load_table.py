@@ -22,6 +22,7 @@ from pytest_llamabench.metrics import (
     AGG_TOK_S, E2E_P99_MS, GOODPUT_PCT, GOODPUT_REQ_S, ITL_P50_MS, ITL_P99_MS, REQ_S, SLOTS_BUSY_MAX, TTFT_MS,
     TTFT_P99_MS,
 )  # fmt: skip
+from pytest_llamabench.outputs.table import grid
 from pytest_llamabench.results import ResultEntry
 
 KNEE_MIN_GAIN = 0.10  # the next level adds less than 10 % aggregate tok/s ...
@@ -138,7 +139,8 @@ def _render_one(curve: LoadCurve, markdown: bool) -> str:
              f"{'one shared prompt' if level.get('share_prompt') else 'distinct prompts'}"
              + (", SLO " + ", ".join(f"{k} <= {v:g}" for k, v in slo.items()) if slo else ""))  # fmt: skip
     headers = ["Level", *[label for _, label, _ in _COLUMNS], "goodput", "busy slots", "status"]
-    knees = {k.level for k in curve.knees() if k.level}
+    found = curve.knees()
+    knees = {k.level for k in found if k.level}
     body = []
     for point in curve.series(True) + curve.series(False):
         m = point.metrics
@@ -149,16 +151,10 @@ def _render_one(curve: LoadCurve, markdown: bool) -> str:
         cells += [goodput, f"{m[SLOTS_BUSY_MAX.name]:.0f}" if SLOTS_BUSY_MAX.name in m else "—",
                   "busy host: not ranked" if point.busy_host else str(point.outcome)]  # fmt: skip
         body.append(cells)
-    knee_lines = [f"{k.series} knee: {k.level or 'none'} ({k.why})" for k in curve.knees()]
+    knee_lines = [f"{k.series} knee: {k.level or 'none'} ({k.why})" for k in found]
     if markdown:
-        lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines + ([""] + knee_lines if knee_lines else []))
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *body)]
-    fmt_line = "  ".join(f"{{:<{w}}}" if i in (0, len(headers) - 1) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [title, fmt_line.format(*headers), fmt_line.format(*("-" * w for w in widths))]
-    lines += [fmt_line.format(*cells) for cells in body]
-    return "\n".join(lines + knee_lines)
+        return "\n".join([f"**{title}**", "", *grid(headers, body, markdown=True), *([""] + knee_lines if knee_lines else [])])
+    return "\n".join([title, *grid(headers, body), *knee_lines])
 
 
 __all__ = ["KNEE_RULE", "Knee", "LoadCurve", "LoadPoint", "build_curves", "is_load", "knee", "render"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from pytest_llamabench.metrics import KLD_MEAN, PPL, PPL_ERROR, PPL_INCREASE_PCT, SAME_TOP_P_PCT, THRESHOLDS, Metric
 from pytest_llamabench.outputs.kinds import QUALITY_ENDPOINT, is_quality
+from pytest_llamabench.outputs.table import grid
 from pytest_llamabench.results import ResultEntry
 
 REFERENCE, RECOMMENDED, NOT_RECOMMENDED = "Reference", "RECOMMENDED", "NOT RECOMMENDED"
@@ -132,14 +133,9 @@ HEADERS = ["Quant", "Size", "PPL", "vs reference", "KLD", "same top p", "Verdict
 def render(rows: list[QualityRow], *, markdown: bool = False) -> str:
     body = [cells(r) for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-        lines += ["| " + " | ".join(f"**{c}**" if i == 0 and r.role == "reference" else c for i, c in enumerate(cs))
-                  + " |" for r, cs in zip(rows, body)]  # fmt: skip
-        return "\n".join(lines) + f"\n\n{_footer(rows)}. {RULE}.\n"
-    widths = [max(len(c) for c in col) for col in zip(HEADERS, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" if i in (0, len(HEADERS) - 1) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths)), *(fmt.format(*c) for c in body)]
-    return "\n".join(lines) + f"\n{_footer(rows)}; {RULE}"
+        bold = [[f"**{c}**" if i == 0 and r.role == "reference" else c for i, c in enumerate(cs)] for r, cs in zip(rows, body)]
+        return "\n".join(grid(HEADERS, bold, markdown=True)) + f"\n\n{_footer(rows)}. {RULE}.\n"
+    return "\n".join(grid(HEADERS, body)) + f"\n{_footer(rows)}; {RULE}"
 
 
 def _footer(rows: list[QualityRow]) -> str:

@@ -11,7 +11,7 @@ beats the runner-up beyond noise.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pytest_llamabench.metrics import GEN_TOK_S, RSS_PEAK_MIB, VRAM_PEAK_MIB
 from pytest_llamabench.outputs.winner import Candidate, WinnerVerdict, decide
@@ -180,13 +180,18 @@ def render(rows: list[Row], workloads: list[str], *, markdown: bool = False, ver
         cells.append(f"**{row.status}**" if (markdown and row.winner) else row.status)
         body.append(cells)
     if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
         tail = f"\n\n**{verdict.line()}**" if verdict else ""
-        return "\n".join(lines) + f"{tail}\n\nGeneration tok/s (median). {WINNER_RULE}.\n"
+        return "\n".join(grid(headers, body, markdown=True)) + f"{tail}\n\nGeneration tok/s (median). {WINNER_RULE}.\n"
+    tail = f"\n{verdict.line()}" if verdict else ""
+    return "\n".join(grid(headers, body)) + f"{tail}\ngeneration tok/s (median); {WINNER_RULE}"
+
+
+def grid(headers: Sequence[str], body: Sequence[Sequence[str]], *, markdown: bool = False) -> list[str]:
+    """A table's lines: markdown, or aligned text (first and last columns left, the rest right),
+    for the results, quality and load tables alike."""
+    if markdown:
+        return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+                *("| " + " | ".join(cells) + " |" for cells in body)]  # fmt: skip
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *body)]
     fmt = "  ".join(f"{{:<{w}}}" if i in (0, len(headers) - 1) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*cells) for cells in body]
-    tail = f"\n{verdict.line()}" if verdict else ""
-    return "\n".join(lines) + f"{tail}\ngeneration tok/s (median); {WINNER_RULE}"
+    return [fmt.format(*headers), fmt.format(*("-" * w for w in widths)), *(fmt.format(*cells) for cells in body)]
