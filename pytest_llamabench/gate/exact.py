@@ -11,7 +11,7 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from pytest_llamabench.gate.rows import IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, REGRESSED, Row
+from pytest_llamabench.gate.rows import IMPROVED, INCONCLUSIVE, NO_CHANGE, REGRESSED, Row, one_side_missing
 from pytest_llamabench.gate.tolerances import Tolerance
 
 
@@ -20,11 +20,8 @@ def compare_exact(base: Sequence[float], new: Sequence[float], tolerance: Tolera
     """The gate's row for one deterministic metric of a (config, workload)."""
     row = Row(config, workload, metric, INCONCLUSIVE, n_base=len(base), n_new=len(new), tolerance=str(tolerance),
               units="exact")  # fmt: skip
-    if not base:
-        return dataclasses.replace(row, verdict=NEW, reason="not measured in the base report",
-                                   new_median=statistics.median(new))  # fmt: skip
-    if not new:
-        return dataclasses.replace(row, reason="not measured in the new report", base_median=statistics.median(base))
+    if (missing := one_side_missing(row, base, new)) is not None:
+        return missing
     b, n = statistics.median(base), statistics.median(new)
     row = dataclasses.replace(row, base_median=b, new_median=n, ratio=n / b if b else None)
     allowed = tolerance.amount * abs(b) if tolerance.relative else tolerance.amount

@@ -4,6 +4,8 @@ comparison of speed metrics (``verdicts``) and the exact one of deterministic me
 from __future__ import annotations
 
 import dataclasses
+import statistics
+from collections.abc import Sequence
 
 REGRESSED = "regressed"
 IMPROVED = "improved"
@@ -43,3 +45,14 @@ class Row:
 
     def sort_key(self) -> tuple[str, str, bool, str]:
         return self.config, self.workload, self.metric != OUTCOME, self.metric
+
+
+def one_side_missing(row: Row, base: Sequence[float], new: Sequence[float]) -> Row | None:
+    """The row of a metric measured on one side only (NEW, or inconclusive when the new run lacks it);
+    None when both sides have samples."""
+    if not base:
+        return dataclasses.replace(row, verdict=NEW, reason="not measured in the base report",
+                                   new_median=statistics.median(new))  # fmt: skip
+    if not new:
+        return dataclasses.replace(row, reason="not measured in the new report", base_median=statistics.median(base))
+    return None

@@ -25,7 +25,9 @@ from pytest_llamabench.gate.fingerprint import (
     fingerprint_mismatches,
     refusal,
 )
-from pytest_llamabench.gate.rows import IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, OUTCOME, REGRESSED, VERDICTS, Row
+from pytest_llamabench.gate.rows import (
+    IMPROVED, INCONCLUSIVE, NEW, NO_CHANGE, OUTCOME, REGRESSED, VERDICTS, Row, one_side_missing,
+)  # fmt: skip
 from pytest_llamabench.gate.statistics import bootstrap_ratio_ci, mann_whitney_u, min_exact_p, min_repetitions
 from pytest_llamabench.gate.tolerances import Tolerance, Tolerances
 from pytest_llamabench.metrics import METRICS, TIME_S, higher_is_better
@@ -293,11 +295,8 @@ def _busy(row: Row, base: ResultEntry, new: ResultEntry) -> Row:
 
 
 def _verdict(row: Row, base: Sequence[float], new: Sequence[float], tolerance: Tolerance, alpha: float) -> Row:
-    if not base:
-        return dataclasses.replace(row, verdict=NEW, reason="not measured in the base report",
-                                   new_median=statistics.median(new))  # fmt: skip
-    if not new:
-        return dataclasses.replace(row, reason="not measured in the new report", base_median=statistics.median(base))
+    if (missing := one_side_missing(row, base, new)) is not None:
+        return missing
     base_median, new_median = statistics.median(base), statistics.median(new)
     row = dataclasses.replace(row, base_median=base_median, new_median=new_median)
     band = tolerance.band(base_median)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pytest_llamabench.config import Workload
 from pytest_llamabench.errors import StreamDroppedEarly
-from pytest_llamabench.measure.sample import Prompts, Sample, aggregate, check, request_of, where
+from pytest_llamabench.measure.sample import Prompts, Sample, aggregate, check, check_stream_count, request_of, where
 from pytest_llamabench.server.client import StreamResult
 from pytest_llamabench.server.launcher import Server
 
@@ -20,7 +20,7 @@ def run_once(server: Server, workload: Workload, prompts: Prompts, index: int) -
     at = where(server, workload)
     check(timings.get("predicted_n") == workload.n_predict, at,
           f"generated {timings.get('predicted_n')} tokens, asked for {workload.n_predict}")  # fmt: skip
-    _check_stream_count(result, int(timings.get("predicted_n", -1)), at, exact=prompts.endpoint == "/completion")
+    check_stream_count(result, int(timings.get("predicted_n", -1)), at, exact=prompts.endpoint == "/completion")
     check(timings.get("cache_n") == 0, at,
           f"the prompt cache was reused (cache_n={timings.get('cache_n')}) although cache_prompt=false")  # fmt: skip
     check(timings.get("prompt_n") == workload.prompt_tokens, at,
@@ -42,14 +42,3 @@ def _stream(server: Server, prompts: Prompts, payload: dict[str, Any]) -> Stream
             server.ensure_alive()
             prompts.endpoint = "/v1/completions"
     return server.client.stream_oai_completion(payload)
-
-
-def _check_stream_count(result: StreamResult, server_count: int, at: str, *, exact: bool) -> None:
-    """Client and server token counts agree: never more streamed than generated, and exactly as
-    many when the stream carries token ids (``exact``) and its text is ASCII. The server holds back
-    tokens that end inside a multi-byte character (byte-fallback tokens, common with random
-    weights: seen on the GPU run) and can drop them from the stream, so non-ASCII text is exempt."""
-    what = f"the stream carried {result.client_tokens} tokens, the server counted {server_count}"
-    check(result.client_tokens <= server_count, at, what)
-    if exact and result.text.isascii():
-        check(result.client_tokens == server_count, at, what)

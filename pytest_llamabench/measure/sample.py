@@ -108,5 +108,17 @@ def check(ok: bool, where: str, what: str) -> None:
         raise MeasurementInvalid(f"{where}: invalid run: {what}")
 
 
+def check_stream_count(result: StreamResult, server_count: int, at: str, *, exact: bool, what: str = "") -> None:
+    """Client and server token counts agree: never more streamed than generated, and exactly as
+    many when the stream carries token ids (``exact``) and its text is ASCII. The server holds back
+    tokens that end inside a multi-byte character (byte-fallback tokens, common with random
+    weights: seen on the GPU run) and can drop them from the stream, so non-ASCII text is exempt.
+    ``what``: which request, for the message."""
+    text = (f"{what}: " if what else "") + f"the stream carried {result.client_tokens} tokens, the server counted {server_count}"
+    check(result.client_tokens <= server_count, at, text)
+    if exact and result.text.isascii():
+        check(result.client_tokens == server_count, at, text)
+
+
 def where(server: Server, workload: Workload) -> str:
     return f"{server.config.name}/{workload.name}"
