@@ -41,6 +41,7 @@ from pytest_llamabench.server.launcher import LocalServer
 from pytest_llamabench.model.files import embedded_model_path
 from pytest_llamabench.measure.workload import run_workload
 from pytest_llamabench.metrics import CLIENT_GEN_TOK_S, GEN_TOK_S
+from pytest_llamabench.stats import percentile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,9 +99,11 @@ def concurrent_overhead(binary: Path, matrix_path: Path, config_name: str, strea
         "n_predict": n_predict, "wall_s": wall, "agg_tok_s_median": agg.median,
         "harness_cpu_s": cpu, "harness_cores": cpu / wall, "server_cpu_s": server_cpu, "server_cores": server_cpu / wall,
         "harness_share_of_cpu_pct": cpu / (cpu + server_cpu) * 100 if cpu + server_cpu > 0 else None,
-        "harness_cpu_ms_per_token": cpu * 1000 / sum(r["predicted_n"] for r in rows) if rows else None,
+        # the CPU time covers the warmup repetition too: so do the tokens it is divided by
+        "harness_cpu_ms_per_token": cpu * 1000 / (n_predict * level.requests * (workload.warmup + reps)),
+        "repetitions": reps, "warmup": workload.warmup,
         "client_vs_server_pct_median": statistics.median(diffs) if diffs else None,
-        "client_vs_server_pct_p90": sorted(diffs)[int(0.9 * (len(diffs) - 1))] if diffs else None,
+        "client_vs_server_pct_p90": percentile(diffs, 90) if diffs else None,
         "client_vs_server_pct_max": max(diffs) if diffs else None,
         "warmups_included": "harness/server CPU and wall include the warmup repetition",
     }  # fmt: skip
