@@ -88,9 +88,7 @@ def run_workload(
         try:
             sample = workload_kind.run_once(server, workload, prompts, index)
         except RequestFailed:
-            # a dead server is the real cause: say that instead. A CUDA build that runs out of memory
-            # at its first request prints a backtrace before it exits (seen: > 1 s on an H200)
-            server.ensure_alive(grace_s=5.0)
+            server.ensure_alive()  # a dead server is the real cause: say that instead
             raise
         if index >= workload.warmup:
             samples.append(sample)

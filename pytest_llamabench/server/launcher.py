@@ -182,20 +182,35 @@ class Server(abc.ABC):
         value = self.props.get("build_info")
         return str(value) if value else None
 
-    def ensure_alive(self, grace_s: float = 1.0) -> None:
+    def ensure_alive(self, grace_s: float = 1.0, dying_s: float = 5.0) -> None:
         """Raise ServerDied (classified from the log) if the server has gone away.
 
-        Called after a request failed: a dying server closes its sockets a moment
-        before it can be reaped, so give it ``grace_s`` to show as exited.
+        Called after a request failed: a dying server closes its sockets a moment before it can be
+        reaped, so give it ``grace_s`` to show as exited, and up to ``dying_s`` while its log still
+        grows (a CUDA build that runs out of memory at its first request prints a backtrace for over
+        a second before it exits: seen on an H200). A live server that logs nothing waits ``grace_s``.
         """
-        deadline = time.monotonic() + grace_s
-        while self._alive() and time.monotonic() < deadline:
+        start = time.monotonic()
+        deadline, size = start + grace_s, self._log_size()
+        while self._alive():
+            now = time.monotonic()
+            if now >= deadline:
+                grown = self._log_size()
+                if grown == size or now >= start + dying_s:
+                    break
+                deadline, size = now + 0.25, grown
             time.sleep(0.05)
         if not self._alive():
             cause = self._exit_error()
             when = "during an earlier workload" if self._death_reported else "during the workload"
             self._death_reported = True
             raise ServerDied(f"{self.config.name}: llama-server died {when}: {cause.message}", log_tail=cause.log_tail)
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return -1
 
     def log_tail(self, lines: int = 40) -> str:
         try:
