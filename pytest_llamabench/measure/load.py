@@ -177,7 +177,7 @@ async def _repetition(server: Server, workload: Workload, level: LoadLevel, path
     slot_source = _slot_source(server.props)
     polled: list[int] = []
     async with AsyncStreams(base_url, api_key=server.api_key, timeout_s=client.request_timeout_s,
-                            timeout_hint=client.timeout_hint, connections=level.in_flight + 1) as streams:  # fmt: skip
+                            timeout_hint=client.timeout_hint, connections=level.in_flight) as streams:  # fmt: skip
 
         stop = asyncio.Event()
 

@@ -73,12 +73,11 @@ class LlamaClient:
 
     def stream_completion(self, payload: Mapping[str, Any]) -> StreamResult:
         """POST /completion with stream=true; tokens counted from ``tokens`` arrays."""
-        return self._stream("/completion", {**payload, "stream": True, "return_tokens": True}, _completion_tokens)
+        return self._stream("/completion", stream_body("/completion", payload), _completion_tokens)
 
     def stream_oai_completion(self, payload: Mapping[str, Any]) -> StreamResult:
         """POST /v1/completions with stream=true; one token per text delta."""
-        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        return self._stream("/v1/completions", body, _oai_text_tokens)
+        return self._stream("/v1/completions", stream_body("/v1/completions", payload), _oai_text_tokens)
 
     def stream_chat(self, payload: Mapping[str, Any], count: Any = None) -> StreamResult:
         """POST /v1/chat/completions with stream=true; one token per content delta (``count``:
@@ -107,8 +106,7 @@ class LlamaClient:
         return httpx.Timeout(self.request_timeout_s, connect=10.0)
 
     def _timed_out(self, method: str, path: str, exc: Exception) -> RequestTimedOut:
-        return RequestTimedOut(f"{method} {path}: the server sent nothing for {self.request_timeout_s:g} s "
-                               f"({type(exc).__name__}); {self.timeout_hint}")  # fmt: skip
+        return timed_out(method, path, self.request_timeout_s, self.timeout_hint, exc)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -203,6 +201,17 @@ def parse_event(data: str, path: str) -> dict[str, Any] | None:
     if "error" in event:
         raise RequestFailed(f"POST {path}: server error in stream: {_short(event['error'])}")
     return event
+
+
+def timed_out(method: str, path: str, timeout_s: float, hint: str, exc: Exception) -> RequestTimedOut:
+    """The error for a request the server went silent on (sync and async clients)."""
+    return RequestTimedOut(f"{method} {path}: the server sent nothing for {timeout_s:g} s ({type(exc).__name__}); {hint}")
+
+
+def stream_body(path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A streamed completion's body: ``/completion`` returns token ids, ``/v1/completions`` a final usage event."""
+    extra = {"return_tokens": True} if path == "/completion" else {"stream_options": {"include_usage": True}}
+    return {**payload, "stream": True, **extra}
 
 
 def stream_counter(path: str) -> Callable[[dict[str, Any]], tuple[int, str]]:

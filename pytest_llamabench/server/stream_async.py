@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from pytest_llamabench.errors import RequestFailed, RequestTimedOut
-from pytest_llamabench.server.client import StreamCollector, StreamResult, stream_counter
+from pytest_llamabench.errors import RequestFailed
+from pytest_llamabench.server.client import StreamCollector, StreamResult, stream_body, stream_counter, timed_out
 
 _PROCESSING = re.compile(r"^llamacpp:requests_processing\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
@@ -30,7 +30,7 @@ class AsyncStreams:
         self.timeout_s = timeout_s
         self.timeout_hint = timeout_hint
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=connections + 2, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=connections + 1, max_keepalive_connections=0)  # + the slot poller
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
                                        timeout=httpx.Timeout(timeout_s, connect=10.0))  # fmt: skip
 
@@ -43,9 +43,7 @@ class AsyncStreams:
     async def completion(self, path: str, payload: Mapping[str, Any]) -> StreamResult:
         """POST ``/completion`` (tokens counted from its ``tokens`` arrays) or ``/v1/completions``
         (one token per text delta), streamed."""
-        native = path == "/completion"
-        body = {**payload, "stream": True}
-        body.update({"return_tokens": True} if native else {"stream_options": {"include_usage": True}})
+        body = stream_body(path, payload)
         stream = StreamCollector(path, stream_counter(path))
         try:
             # a fresh connection per request, as LlamaClient does (a pooled one the server closed
@@ -58,8 +56,7 @@ class AsyncStreams:
                     if not stream.take(line):
                         break
         except httpx.TimeoutException as exc:
-            raise RequestTimedOut(f"POST {path}: the server sent nothing for {self.timeout_s:g} s "
-                                  f"({type(exc).__name__}); {self.timeout_hint}") from exc  # fmt: skip
+            raise timed_out("POST", path, self.timeout_s, self.timeout_hint, exc) from exc
         except httpx.HTTPError as exc:
             raise stream.broken(self.base_url, exc) from exc
         return stream.result()
