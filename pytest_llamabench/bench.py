@@ -147,7 +147,7 @@ class Bench:
             from pytest_llamabench.quality.quantize import materialize
 
             config = materialize(config, *self.binary()[:2], log=self.log)
-        budget = config.vram_budget or (self.settings.vram_budget if config.gpu else None)
+        budget = config.budget(self.settings.vram_budget)
         devices = self.devices_for(config)
         if self.settings.placement is not None:
             pin(self.settings.placement.cpus)  # this process, and so the server and its client

@@ -220,6 +220,11 @@ class ServerConfig:
     sweep: SweepPoint | None = None  # the sweep this config is a point of (sweep.py)
     search: SearchSpec | None = None  # a search config: run by search.py, not as a server
 
+    def budget(self, session: int | None) -> int | None:
+        """The VRAM budget this config runs under: its own ``vram_budget``, else the session's
+        (``--llamabench-vram-budget``) when it uses a GPU."""
+        return self.vram_budget or (session if self.gpu else None)
+
     @property
     def instance(self) -> str:
         """This server start's name: ``C7``, or ``C7@2`` for the second of several starts."""

@@ -37,7 +37,7 @@ def run_search(config: ServerConfig, state: Any, log: Callable[[str], None]) -> 
 
     bench = state.bench
     workload = state.selected_workloads()[0]
-    budget = config.vram_budget or (bench.settings.vram_budget if config.gpu else None)
+    budget = config.budget(bench.settings.vram_budget)
     total, index = gpu_memory_of(bench.settings.devices) if config.gpu else (None, None)
     settings: MeasureSettings = state.measuring
 

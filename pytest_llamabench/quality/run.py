@@ -189,7 +189,7 @@ def llama_servers() -> list[int]:
 
 @contextlib.contextmanager
 def _budget(config: ServerConfig, settings: QualitySettings) -> Iterator[None]:
-    budget = config.vram_budget or (settings.vram_budget if config.gpu else None)
+    budget = config.budget(settings.vram_budget)
     if not budget:
         yield
         return
