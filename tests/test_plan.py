@@ -198,8 +198,10 @@ def test_fit_moves_as_few_experts_as_the_target_allows_and_gives_up_where_llama_
     assert wider is not None and plan(model, wider).gpu_total < total  # a bigger --fit-target keeps more on the CPU
     everything, what = predict_fit(model, PlanInputs(**FIT), 80 * GIB)  # type: ignore[arg-type]
     assert everything is not None and not everything.overrides and what == "fit: everything fits, nothing moved"
-    for given, why in ((dict(n_gpu_layers=99), "n_gpu_layers is set"), (dict(n_cpu_moe=24), "tensor overrides"),
-                       (dict(overrides=("exps=CPU",)), "tensor overrides")):  # fmt: skip
+    fitting, what = predict_fit(model, PlanInputs(**{**FIT, "n_cpu_moe": 24}), budget)  # type: ignore[arg-type]
+    assert fitting is not None and fitting.n_cpu_moe == 24 and what == "fit: everything fits, nothing moved"  # before giving up
+    for given, why in ((dict(n_gpu_layers=99), "n_gpu_layers is set"), (dict(n_cpu_moe=8), "tensor overrides"),
+                       (dict(overrides=("blk\\.0\\.ffn_up_exps=CPU",)), "tensor overrides")):  # fmt: skip
         kept, what = predict_fit(model, PlanInputs(**{**FIT, **given}), budget)  # type: ignore[arg-type]
         assert kept is not None and why in what and kept.n_cpu_moe == given.get("n_cpu_moe", 0)
     unknown = plan(model, PlanInputs(**FIT))  # type: ignore[arg-type]  # no budget: llama.cpp decides at load

@@ -280,20 +280,22 @@ def predict_fit(model: ModelTensors, inputs: PlanInputs, budget: int | None) -> 
     the inputs the server then runs with, and a summary; ``None`` and why when it is not predicted."""
     if budget is None:
         return None, "no VRAM budget or GPU memory known to predict it from"
-    if inputs.n_gpu_layers != "auto":
-        return dataclasses.replace(inputs, fit="off"), "fit gives up: n_gpu_layers is set"
-    if inputs.overrides or inputs.n_cpu_moe:
-        return dataclasses.replace(inputs, fit="off"), "fit gives up: tensor overrides (-ot, --n-cpu-moe) are set"
-    base = dataclasses.replace(inputs, fit="off", n_gpu_layers="all")
+    auto = inputs.n_gpu_layers == "auto"
+    base = dataclasses.replace(inputs, fit="off", n_gpu_layers="all" if auto else inputs.n_gpu_layers)
     target = budget - inputs.fit_target_mib * MIB
 
     def fits(candidate: PlanInputs) -> bool:
         return plan(model, candidate, budget=budget).gpu_total <= target
 
+    # fit.cpp's order: nothing to do; else shrink an unset context; only then give up on what the user set
     if fits(base):
         return base, "fit: everything fits, nothing moved"
     if not inputs.ctx:
         return None, "fit would shrink the unset context first: not predicted"
+    if not auto:
+        return base, "fit gives up: n_gpu_layers is set"
+    if inputs.overrides or inputs.n_cpu_moe:
+        return base, "fit gives up: tensor overrides (-ot, --n-cpu-moe) are set"
     total = model.n_layer + 1  # the output layer counts as the last "layer"
 
     def layout(ngl: int, n_part: int, first: str = "moe") -> PlanInputs:
