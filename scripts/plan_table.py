@@ -43,6 +43,23 @@ def _cell(value: object, fmt: str = "{:.0f}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else "—"
 
 
+def _facts(entry: dict[str, Any]) -> dict[str, Any]:
+    """What both matrix tables read from one result: measured VRAM, plan, plan − measured, the failed
+    buffer beside the plan of that buffer, and the outcome."""
+    plan = (entry.get("memory") or {}).get("plan") or {}
+    vram = (entry.get("metrics", {}).get("vram_peak_mib") or {}).get("max")
+    detail = ((entry.get("failure") or {}).get("detail")) or {}
+    buffer = detail.get("buffer")
+    key = {"model": "weights", "kv cache": "kv", "compute": "compute"}.get(str(buffer))
+    return {
+        "vram": vram, "plan": plan,
+        "diff": f"{100 * (plan['gpu_total_mib'] - vram) / vram:+.1f} %" if vram and plan.get("gpu_total_mib") else "—",
+        "failed": f"{_cell(detail.get('requested_mib'))} {buffer or ''}",
+        "planned_buffer": (plan.get("gpu_mib") or {}).get(key) if key else None,
+        "outcome": entry["outcome"] + (f" [{entry['failure']['kind']}]" if entry.get("failure") else ""),
+    }  # fmt: skip
+
+
 def held_table(paths: list[Path], card_mib: int, logs: Path | None = None) -> str:
     """The user's matrix under a budget below their card: measured + what other processes held, beside the user's column."""
     entries = _entries(paths)
@@ -58,21 +75,13 @@ def held_table(paths: list[Path], card_mib: int, logs: Path | None = None) -> st
         entry = entries.get(name)
         if entry is None:
             continue
-        memory = entry.get("memory") or {}
-        plan = memory.get("plan") or {}
-        vram = (entry.get("metrics", {}).get("vram_peak_mib") or {}).get("max")
+        f = _facts(entry)
         user_vram, user_status = USER[name]
-        total = vram + held if vram else None
+        total = f["vram"] + held if f["vram"] else None
         versus = f"{100 * (total - user_vram) / user_vram:+.1f} %" if total and user_vram else "—"
-        diff = f"{100 * (plan['gpu_total_mib'] - vram) / vram:+.1f} %" if vram and plan.get("gpu_total_mib") else "—"
-        detail = ((entry.get("failure") or {}).get("detail")) or {}
-        buffer = detail.get("buffer")
-        key = {"model": "weights", "kv cache": "kv", "compute": "compute"}.get(str(buffer))
-        planned_buffer = (plan.get("gpu_mib") or {}).get(key) if key else None
-        outcome = entry["outcome"] + (f" [{entry['failure']['kind']}]" if entry.get("failure") else "")
-        lines.append(f"| {name} | {_cell(user_vram)} | {user_status} | {_cell(vram)} | {_cell(total)} | {versus} | "
-                     f"{_cell(plan.get('gpu_total_mib') or None)} | {diff} | {_cell(detail.get('requested_mib'))} {buffer or ''} | "
-                     f"{_cell(planned_buffer)} | {_fit(entry, logs)} | {outcome} |")  # fmt: skip
+        lines.append(f"| {name} | {_cell(user_vram)} | {user_status} | {_cell(f['vram'])} | {_cell(total)} | {versus} | "
+                     f"{_cell(f['plan'].get('gpu_total_mib') or None)} | {f['diff']} | {f['failed']} | "
+                     f"{_cell(f['planned_buffer'])} | {_fit(entry, logs)} | {f['outcome']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -124,22 +133,15 @@ def matrix_table(paths: list[Path]) -> str:
              "failed buffer (MiB) | plan of that buffer | RSS (MiB) | plan RSS | gen tok/s | % of roofline | outcome |",
              "|" + "---|" * 13]  # fmt: skip
     for name, entry in _entries(paths).items():
-        memory = entry.get("memory") or {}
-        plan = memory.get("plan") or {}
-        vram = (entry.get("metrics", {}).get("vram_peak_mib") or {}).get("max")
+        f = _facts(entry)
         rss = (entry.get("metrics", {}).get("rss_peak_mib") or {}).get("max")
         gen = (entry.get("metrics", {}).get("gen_tok_s") or {}).get("median")
-        detail = ((entry.get("failure") or {}).get("detail")) or {}
-        buffer = detail.get("buffer")
-        key = {"model": "weights", "kv cache": "kv", "compute": "compute"}.get(str(buffer))
-        planned_buffer = (plan.get("gpu_mib") or {}).get(key) if key else None
-        diff = f"{100 * (plan['gpu_total_mib'] - vram) / vram:+.1f} %" if vram and plan.get("gpu_total_mib") else "—"
+        roofline = ((entry.get("memory") or {}).get("roofline") or {}).get("percent_of_ceiling")
         user_vram, user_status = USER.get(name, (None, ""))
-        outcome = entry["outcome"] + (f" [{entry['failure']['kind']}]" if entry.get("failure") else "")
-        lines.append(f"| {name} | {_cell(user_vram)} | {user_status} | {_cell(vram)} | {_cell(plan.get('gpu_total_mib') or None)} | "
-                     f"{diff} | {_cell(detail.get('requested_mib'))} {buffer or ''} | {_cell(planned_buffer)} | "
-                     f"{_cell(rss)} | {_cell(plan.get('host_total_mib'))} | {_cell(gen, '{:.1f}')} | "
-                     f"{_cell((memory.get('roofline') or {}).get('percent_of_ceiling'), '{:.0f} %')} | {outcome} |")  # fmt: skip
+        lines.append(f"| {name} | {_cell(user_vram)} | {user_status} | {_cell(f['vram'])} | {_cell(f['plan'].get('gpu_total_mib') or None)} | "
+                     f"{f['diff']} | {f['failed']} | {_cell(f['planned_buffer'])} | "
+                     f"{_cell(rss)} | {_cell(f['plan'].get('host_total_mib'))} | {_cell(gen, '{:.1f}')} | "
+                     f"{_cell(roofline, '{:.0f} %')} | {f['outcome']} |")  # fmt: skip
     return "\n".join(lines)
 
 

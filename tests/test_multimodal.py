@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llamabench.config import ServerConfig, Workload, load_matrix
+from pytest_llamabench.config import ServerConfig, Workload
 from pytest_llamabench.errors import ChatTemplateError, ConfigError, ModelLoadError, UnsupportedArchitecture
 from pytest_llamabench.measure.workload import run_workload
 from pytest_llamabench.model.synth.projector import PROJECTOR_SHAPES, write_synthetic_projector
 from pytest_llamabench.model.synth.writer import gguf_file
 from pytest_llamabench.server.launcher import LocalServer
+from tests.matrices import load_text
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN35_TEMPLATE = REPO / "configs/templates/qwen3.5.jinja"
@@ -30,12 +31,8 @@ def vlm_model_path() -> Path:
 
 
 def _config(tmp_path: Path, model_path: Path, *, model_extra: str = "", config_extra: str = "") -> ServerConfig:
-    matrix = tmp_path / "m.toml"
-    matrix.write_text(
-        f'[models.m]\npath = "{model_path}"\n{model_extra}\n'
-        f'[defaults]\nmodel = "m"\nthreads = 2\nctx = 2048\n[configs.c]\n{config_extra}\n'
-    )
-    return load_matrix([matrix]).configs["c"]
+    head = f'[models.m]\npath = "{model_path}"\n{model_extra}\n[defaults]\nmodel = "m"\nthreads = 2\nctx = 2048\n'
+    return load_text(tmp_path, f"[configs.c]\n{config_extra}\n", head=head).configs["c"]
 
 
 @pytest.fixture
@@ -178,7 +175,7 @@ def test_the_report_carries_the_details_and_vision_runs_only_where_there_is_mmpr
     from tests.conftest import MATRIX_TEST
 
     matrix = write_matrix(
-        textwrap.dedent(f"""
+        textwrap.dedent("""
             [models.vlm]
             embedded = "smollm2-135m-instruct-q4_1-vlm-tokens"
             mmproj = "synth:tiny"
