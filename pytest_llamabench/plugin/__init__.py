@@ -73,11 +73,12 @@ def _register_progress(config: pytest.Config, state: RunState) -> None:
     """Progress lines on the controller (plugin/progress.py); live repetition status without xdist."""
     if state.matrix is None or options.value(config, "progress")[0] == "off" or config.get_verbosity() <= -2:
         return
-    distributed = workers.xdist_workers(config) > 0
+    count = workers.xdist_workers(config)
+    distributed = count > 0
     hooks = ProgressHooks(config)
     config.pluginmanager.register(hooks, "llamabench-progress")
     if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(ProgressXdistHooks(hooks, lambda: [c.instance for c in state.server_starts()],
+        config.pluginmanager.register(ProgressXdistHooks(hooks, max(count, 1), lambda: [c.instance for c in state.server_starts()],
                                                          state.selected_workloads), "llamabench-progress-xdist")  # fmt: skip
     if not distributed:
         state.bench.progress = hooks.callback

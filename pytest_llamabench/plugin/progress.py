@@ -155,15 +155,16 @@ class ProgressHooks:
 class ProgressXdistHooks:
     """The plan on an xdist controller, which sees each worker's collected test ids only."""
 
-    def __init__(self, hooks: ProgressHooks, instances: Callable[[], list[str]], workloads: Callable[[], list[Workload]]) -> None:
+    def __init__(self, hooks: ProgressHooks, workers: int, instances: Callable[[], list[str]],
+                 workloads: Callable[[], list[Workload]]) -> None:  # fmt: skip
         self.hooks = hooks
+        self.workers = workers  # known at configure time (-n): not counted from collection events
         self.instances = instances
         self.workloads = workloads
-        self.nodes: set[str] = set()
 
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        self.nodes.add(str(getattr(getattr(node, "gateway", None), "id", id(node))))
-        self.hooks.plan_from_ids(ids, len(self.nodes), self.instances(), self.workloads())
+        if not self.hooks.eta.plan:  # every worker collects the same ids: plan once
+            self.hooks.plan_from_ids(ids, self.workers, self.instances(), self.workloads())
 
 
 class capture_disabled:  # noqa: N801 - used like a function
