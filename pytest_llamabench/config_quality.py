@@ -86,6 +86,9 @@ def with_quality(workloads: dict[str, Workload], table: Table, models: Mapping[s
                 raise ConfigError(f"{sub.at(given[0])}: only quality workloads have {given[0]}; "
                                   f'set kind = "{QUALITY_KIND}" or remove it')  # fmt: skip
             continue
+        if "timeout_s" in sub.data:  # a server's silence limit; llama-perplexity runs to completion
+            raise ConfigError(f"{sub.at('timeout_s')}: a quality workload runs llama-perplexity to completion, with no "
+                              "request to time out; remove timeout_s (score fewer chunks with chunks = N to make it shorter)")  # fmt: skip
         out[name] = dataclasses.replace(workload, quality=_quality(sub, models, base_dir))
     return out
 

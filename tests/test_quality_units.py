@@ -67,6 +67,7 @@ def test_quality_defaults_to_the_embedded_corpus(tmp_path: Path) -> None:
         ('[workloads.q]\nkind = "perplexity"\nctx = 511\n', "workloads.q.ctx: 511 is odd"),
         ('[workloads.q]\nprompt_tokens = 8\nreference = "ref"\n', 'workloads.q.reference: only quality workloads have reference; set kind = "perplexity"'),
         ('[workloads.q]\nkind = "perplexity"\ncorpus = " "\n', "workloads.q.corpus: empty"),
+        ('[workloads.q]\nkind = "perplexity"\ntimeout_s = 60\n', "workloads.q.timeout_s: a quality workload runs llama-perplexity to completion"),
     ],
 )
 def test_quality_key_errors(tmp_path: Path, body: str, message: str) -> None:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytest_llamabench.config import SERVER_FLAGS, ServerConfig
-from pytest_llamabench.errors import QualityRunFailed
 from pytest_llamabench.hardware.device import Device
 from pytest_llamabench.quality.output import PerplexityOutput, Problem, parse, problem
 
@@ -80,9 +79,8 @@ def perplexity_argv(binary: Path, model: Path, corpus: Path, config: ServerConfi
     return argv + config_flags(config) + mode.argv()
 
 
-def run_perplexity(argv: Sequence[str], log: Path, *, env: dict[str, str], kld: bool,
-                   timeout_s: float | None = None) -> Run:  # fmt: skip
-    """Run to completion (or ``timeout_s``), then parse; the process group never outlives this call."""
+def run_perplexity(argv: Sequence[str], log: Path, *, env: dict[str, str], kld: bool) -> Run:
+    """Run to completion, then parse; the process group never outlives this call."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with log.open("w") as out:
@@ -91,12 +89,7 @@ def run_perplexity(argv: Sequence[str], log: Path, *, env: dict[str, str], kld: 
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)  # fmt: skip
         try:
-            returncode = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise QualityRunFailed(
-                f"{Path(argv[0]).name} ran longer than {timeout_s:g} s; raise timeout_s of the workload "
-                f"or score fewer chunks (chunks = N); log: {log}"
-            ) from None
+            returncode = proc.wait()
         finally:
             _kill_group(proc)
     text = log.read_text(errors="replace")
